@@ -1,0 +1,157 @@
+"""What a plugin of each kind must provide.
+
+These are structural (``typing.Protocol``): a plugin does not inherit from anything in
+vcritic, it only has the right methods. ``vcritic.testing`` has small fakes that satisfy
+each one, for tests and for plugin authors.
+
+Audio crosses every boundary as ``(samples, sample_rate)`` with ``samples`` a mono
+float32 numpy array in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A language model that becomes the shared trunk of a critic.
+
+    ``build`` returns a Hugging Face causal LM (its LM head is the critic's text head) and
+    its tokenizer. ``run_layers`` runs a list of that model's decoder layers on a hidden
+    state, which lets vcritic copy the top layers into the parallel audio branch.
+    """
+
+    def build(self, corpus: Sequence[str] | None = None) -> tuple[Any, Any]:
+        """Return ``(model, tokenizer)``. ``corpus`` trains a tokenizer for from-scratch models."""
+        ...
+
+    def decoder_layers(self, model: Any) -> Any:
+        """The model's ``nn.ModuleList`` of decoder layers."""
+        ...
+
+    def final_norm(self, model: Any) -> Any:
+        """The norm applied after the last decoder layer."""
+        ...
+
+    def run_layers(self, model: Any, layers: Any, hidden: Any, attention_mask: Any) -> Any:
+        """Run ``layers`` (copies of the model's own) causally over ``hidden`` [B, T, H]."""
+        ...
+
+    def lora_target_modules(self) -> list[str]:
+        """Names of the linear modules LoRA adapts."""
+        ...
+
+    def spec(self) -> dict[str, Any]:
+        """Options that rebuild this backbone (saved with every checkpoint)."""
+        ...
+
+
+@runtime_checkable
+class AudioTokenizer(Protocol):
+    """Turns audio into discrete ids and back."""
+
+    sample_rate: int
+    frame_rate: float  # ids per second
+    vocab_size: int
+
+    def fit(self, clips: Sequence[np.ndarray]) -> None:
+        """Learn what the tokenizer needs from training audio (no-op for pretrained codecs)."""
+        ...
+
+    def encode(self, samples: np.ndarray) -> np.ndarray:
+        """Mono float32 audio at ``sample_rate`` → int64 ids [frames]."""
+        ...
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """int64 ids → mono float32 audio at ``sample_rate``."""
+        ...
+
+    def save(self, directory: str) -> None: ...
+
+    def load(self, directory: str) -> None: ...
+
+
+@runtime_checkable
+class Separator(Protocol):
+    """Removes speech that talks over music, keeping the music."""
+
+    def separate(self, samples: np.ndarray, sample_rate: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A speech turn with times in seconds from the start of the recording."""
+
+    text: str
+    start: float
+    end: float
+    words: tuple[Word, ...] = ()
+
+
+@runtime_checkable
+class ASR(Protocol):
+    """Speech recognition with timestamps."""
+
+    def transcribe(self, samples: np.ndarray, sample_rate: int) -> list[Transcript]: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Fixed-size, L2-normalised embeddings of examples, used for near-duplicate removal."""
+
+    dim: int
+
+    def embed(self, audio: Sequence[np.ndarray], texts: Sequence[str], sample_rate: int) -> np.ndarray:
+        """Return float32 [len(audio), dim] with unit rows."""
+        ...
+
+
+@runtime_checkable
+class Annotator(Protocol):
+    """Writes a critique of a clip in a persona's voice (the MLLM data source)."""
+
+    def annotate(self, samples: np.ndarray, sample_rate: int, context: str, persona: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class JudgeScore:
+    """Scores in [0, 1] per dimension, plus the judge's reasoning."""
+
+    completeness: float
+    accuracy: float
+    novelty: float
+    rationale: str = ""
+
+    def weighted(self, weights: tuple[float, float, float] = (0.2, 0.6, 0.2)) -> float:
+        wc, wa, wn = weights
+        return wc * self.completeness + wa * self.accuracy + wn * self.novelty
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Scores a critique against a reference (open-ended-question evaluation)."""
+
+    def score(self, critique: str, reference: str, context: str) -> JudgeScore: ...
+
+
+PROTOCOLS: dict[str, type] = {
+    "backbones": Backbone,
+    "audio_tokenizers": AudioTokenizer,
+    "separators": Separator,
+    "asr": ASR,
+    "embedders": Embedder,
+    "annotators": Annotator,
+    "judges": Judge,
+}

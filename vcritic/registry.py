@@ -1,0 +1,180 @@
+"""One registry for every plugin kind.
+
+A plugin is found, in order, in:
+
+1. the first-party table below (lazy ``"module:attr"`` strings, so it works from a
+   ``ray job submit --working-dir`` checkout that was never pip-installed);
+2. installed entry points in the group ``vcritic.<kind>`` (how third parties register);
+3. a ``"module:attr"`` string given directly as the name (the escape hatch).
+
+Nothing is imported until a plugin is asked for, so listing is cheap and one broken
+plugin never stops another from loading.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+KINDS: tuple[str, ...] = (
+    "backbones",
+    "audio_tokenizers",
+    "separators",
+    "asr",
+    "embedders",
+    "annotators",
+    "judges",
+)
+
+# First-party plugins. setup.cfg registers the same targets as entry points (a test keeps the
+# two in step); this table is what makes a checkout work without being installed.
+FIRST_PARTY: dict[str, dict[str, str]] = {
+    "backbones": {
+        "causal_lm": "plugins.hf.causal_lm:CausalLMBackbone",
+        "qwen2_5_omni_thinker": "plugins.hf.qwen_omni:QwenOmniThinkerBackbone",
+    },
+    "audio_tokenizers": {
+        "mel_kmeans": "plugins.dsp.mel_kmeans:MelKMeansTokenizer",
+    },
+    "separators": {
+        "identity": "plugins.dsp.separators:IdentitySeparator",
+        "vad_gate": "plugins.speech.vad_gate:VadGateSeparator",
+    },
+    "asr": {
+        "faster_whisper": "plugins.speech.whisper_asr:FasterWhisperASR",
+    },
+    "embedders": {
+        "logmel_hash": "plugins.dsp.embedders:LogMelHashEmbedder",
+    },
+    "annotators": {
+        "openai_chat": "plugins.http.openai_chat:OpenAIChatAnnotator",
+    },
+    "judges": {
+        "openai_chat": "plugins.http.openai_chat:OpenAIChatJudge",
+    },
+}
+
+# Which `pip install` extra brings the dependencies of a first-party plugin module.
+INSTALL_HINTS: dict[str, str] = {
+    "plugins.speech": "pip install -e '.[speech]'",
+    "plugins.hf": "pip install -e .  (transformers and peft are core dependencies)",
+    "plugins.http": "pip install -e .  (requests is a core dependency)",
+}
+
+
+class PluginError(LookupError):
+    """A plugin could not be found, imported or registered."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    kind: str
+    name: str
+    target: str  # "module:attr"
+    origin: str  # "first-party", "entry-point:<dist>", or "module:attr"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise PluginError(f"unknown plugin kind {kind!r}; kinds are: {', '.join(KINDS)}")
+
+
+def _entry_point_infos(kind: str) -> list[PluginInfo]:
+    infos = []
+    for ep in entry_points(group=f"vcritic.{kind}"):
+        dist = ep.dist.name if ep.dist is not None else "unknown"
+        infos.append(PluginInfo(kind, ep.name, ep.value, f"entry-point:{dist}"))
+    return infos
+
+
+def available(kind: str) -> dict[str, PluginInfo]:
+    """Every plugin of ``kind`` by name.
+
+    Raises:
+        PluginError: two different targets claim the same name (first-party entries and
+            entry points that name the same target are one plugin, not a clash).
+    """
+    _check_kind(kind)
+    found: dict[str, PluginInfo] = {
+        name: PluginInfo(kind, name, target, "first-party") for name, target in FIRST_PARTY[kind].items()
+    }
+    for info in _entry_point_infos(kind):
+        prior = found.get(info.name)
+        if prior is None:
+            found[info.name] = info
+        elif prior.target != info.target:
+            raise PluginError(
+                f"two {kind} plugins are named {info.name!r}: {prior.target} ({prior.origin}) and "
+                f"{info.target} ({info.origin}); uninstall one or rename its entry point"
+            )
+    return found
+
+
+def import_target(target: str) -> Any:
+    """Import ``"module:attr"`` (``attr`` may be dotted) and return the attribute."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise PluginError(f"plugin target {target!r} is not of the form 'package.module:attr'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = next((h for prefix, h in INSTALL_HINTS.items() if module_name.startswith(prefix)), None)
+        fix = f"; install it with: {hint}" if hint else "; is the package that provides it installed?"
+        raise PluginError(f"cannot import {module_name!r} for plugin {target!r}: {exc}{fix}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise PluginError(f"module {module_name!r} has no attribute {attr!r} (plugin {target!r})") from exc
+    return obj
+
+
+def resolve(kind: str, name: str) -> PluginInfo:
+    """Find the plugin ``name`` of ``kind`` without importing it."""
+    _check_kind(kind)
+    if ":" in name:
+        return PluginInfo(kind, name, name, "module:attr")
+    plugins = available(kind)
+    if name not in plugins:
+        close = difflib.get_close_matches(name, list(plugins), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise PluginError(
+            f"no {kind} plugin named {name!r}{hint} (known: {', '.join(sorted(plugins)) or 'none'}; "
+            f"or pass 'package.module:Class')"
+        )
+    return plugins[name]
+
+
+def load(kind: str, name: str) -> Any:
+    """Import and return the plugin class (or factory) registered as ``name``."""
+    return import_target(resolve(kind, name).target)
+
+
+def create(kind: str, name: str, **options: Any) -> Any:
+    """Load the plugin ``name`` of ``kind`` and call it with ``options``.
+
+    Raises:
+        PluginError: unknown name, import failure, or the options do not fit the plugin.
+    """
+    factory = load(kind, name)
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise PluginError(f"{kind} plugin {name!r} rejected its options {sorted(options)}: {exc}") from exc
+
+
+def describe_all() -> list[tuple[PluginInfo, str]]:
+    """Every plugin of every kind with ``"ok"`` or the reason it does not load."""
+    rows = []
+    for kind in KINDS:
+        for info in available(kind).values():
+            try:
+                import_target(info.target)
+                status = "ok"
+            except PluginError as exc:
+                status = f"error: {exc}"
+            rows.append((info, status))
+    return rows
