@@ -26,8 +26,15 @@ class Backbone(Protocol):
     state, which lets vcritic copy the top layers into the parallel audio branch.
     """
 
-    def build(self, corpus: Sequence[str] | None = None) -> tuple[Any, Any]:
-        """Return ``(model, tokenizer)``. ``corpus`` trains a tokenizer for from-scratch models."""
+    def build(self, corpus: Sequence[str] | None = None, special_tokens: Sequence[str] = ()) -> tuple[Any, Any]:
+        """Return ``(model, tokenizer)``.
+
+        A backbone built from scratch (no ``path`` in its options) trains its tokenizer on
+        ``corpus`` and includes ``special_tokens`` in it; a pretrained one ignores both
+        (vcritic adds missing special tokens itself). vcritic saves a from-scratch backbone
+        once and rebuilds it everywhere else with ``path`` set to that copy, so a backbone
+        plugin must accept a ``path`` option.
+        """
         ...
 
     def decoder_layers(self, model: Any) -> Any:
@@ -47,7 +54,7 @@ class Backbone(Protocol):
         ...
 
     def spec(self) -> dict[str, Any]:
-        """Options that rebuild this backbone (saved with every checkpoint)."""
+        """The plugin's options (``path`` among them) that rebuild this backbone."""
         ...
 
 
