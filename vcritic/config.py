@@ -134,6 +134,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     scq: bool = True
+    scq_bank: str = "vcritic.data.demo:SCQ_QUESTIONS"
+    """Question bank: a "module:attr" list or a .json file (see vcritic.evaluate.scq)."""
     scq_max_clips: int = 64
     max_new_text_tokens: int = 64
     max_new_audio_tokens: int = 40

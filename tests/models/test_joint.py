@@ -1,0 +1,145 @@
+"""The joint text/audio critic: stream layout, loss, gradients, export round trip."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vcritic.models import build
+from vcritic.models.sequence import IGNORE, build_streams, collate
+
+CORPUS = ["Persona: a fan.\nListen and critique:", " the lead sounds like a flute. it sits in G major."] * 10
+MODEL_CFG = dict(audio_head_layers=1, loss_lambda=2 / 3, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                 lora_target_modules=None, train_text_head=False, max_prompt_tokens=64, max_text_tokens=64,
+                 max_audio_tokens=64)
+BACKBONE = {"name": "causal_lm", "options": {"config": {"hidden_size": 32, "intermediate_size": 64,
+                                                        "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                        "num_key_value_heads": 2}, "tokenizer_vocab_size": 300}}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    return build.materialize_backbone(BACKBONE, CORPUS, tmp_path_factory.mktemp("m") / "base")
+
+
+def make(spec, **overrides):
+    torch.manual_seed(0)
+    return build.build_critic(spec, {**MODEL_CFG, **overrides}, audio_codes=16)
+
+
+def batch(critic, tok):
+    v = critic.vocab
+    return collate([
+        build_streams(v, tok("Persona: a fan.")["input_ids"], [1, 2, 3], tok(" it sits in G major.")["input_ids"], [4, 5]),
+        build_streams(v, tok("Persona: x")["input_ids"], [7, 7, 7, 7], tok(" flute.")["input_ids"], [9, 9, 9]),
+    ], v)
+
+
+def test_stream_layout(spec):
+    critic, tok = make(spec)
+    v = critic.vocab
+    s = build_streams(v, [10, 11], [1, 2], [20, 21], [3])
+    assert len(s.text) == len(s.audio) == len(s.music) == len(s.text_labels) == len(s.audio_labels)
+    assert s.text == [10, 11, v.music_start, v.audio_slot, v.audio_slot, v.music_end, 20, 21, v.eos,
+                      v.speech_start, v.audio_slot]
+    assert s.audio[3:5] == [1, 2] and s.audio[9:] == [v.audio_bos, 3]
+    assert [t for t in s.text_labels if t != IGNORE] == [20, 21, v.eos]
+    assert s.text_labels[5] == 20  # <|/music|> predicts the first critique token
+    assert [a for a in s.audio_labels if a != IGNORE] == [3, v.audio_eos]
+    assert s.music == [False, False, False, True, True, False, False, False, False, False, False]
+
+
+def test_each_loss_is_averaged_over_its_own_tokens(spec):
+    critic, tok = make(spec)
+    b = batch(critic, tok)
+    out = critic(**b)
+    text_logits, audio_logits = critic.hidden_and_logits(b["text_ids"], b["audio_ids"], b["music_mask"], b["attention_mask"])
+    text_ce = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), b["text_labels"].reshape(-1), ignore_index=IGNORE)
+    audio_ce = F.cross_entropy(audio_logits.reshape(-1, audio_logits.shape[-1]), b["audio_labels"].reshape(-1), ignore_index=IGNORE)
+    assert torch.allclose(out.text_loss, text_ce) and torch.allclose(out.audio_loss, audio_ce)
+    assert torch.allclose(out.loss, 2 / 3 * text_ce + 1 / 3 * audio_ce)
+    assert int(out.audio_tokens) == (2 + 1) + (3 + 1)
+
+
+def test_lambda_one_is_exactly_text_sft(spec):
+    critic, tok = make(spec, loss_lambda=1.0)
+    b = batch(critic, tok)
+    out = critic(**b)
+    # The plain causal LM on the same inputs gives the same loss: the audio side plays no part.
+    embeds = critic.embed(b["text_ids"], b["audio_ids"], b["music_mask"])
+    logits = critic.trunk(inputs_embeds=embeds, attention_mask=b["attention_mask"]).logits
+    plain = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["text_labels"].reshape(-1), ignore_index=IGNORE)
+    assert torch.equal(out.loss, plain)
+    out.loss.backward()
+    for name, module in critic.head_modules().items():
+        if name in ("audio_embed", "music_encoder"):
+            continue  # used for the input embedding, frozen at λ = 1
+        assert all(p.grad is None for p in module.parameters()), name
+    assert all(not p.requires_grad for m in critic.head_modules().values() for p in m.parameters())
+
+
+def test_gradients_reach_lora_and_audio_branch_but_not_frozen_base(spec):
+    critic, tok = make(spec)
+    critic(**batch(critic, tok)).loss.backward()
+    named = dict(critic.named_parameters())
+    lora = [n for n in named if "lora_" in n]
+    assert lora and all(named[n].grad is not None for n in lora if "lora_B" in n)
+    assert all(p.grad is not None for p in critic.audio_head.parameters())
+    assert all(p.grad is not None for p in critic.audio_branch.parameters())
+    base = [n for n, p in named.items() if n.startswith("trunk") and "lora_" not in n]
+    assert all(named[n].grad is None and not named[n].requires_grad for n in base)
+
+
+def test_branch_starts_as_a_copy_of_the_top_layers(spec):
+    critic, _ = make(spec)
+    trunk_top = critic.backbone.decoder_layers(critic.trunk)[-1]
+    # peft renames wrapped weights to "<module>.base_layer.weight"; LoRA factors are not in the copy.
+    base = {n.replace(".base_layer", ""): p for n, p in trunk_top.named_parameters() if "lora_" not in n}
+    branch = dict(critic.audio_branch[0].named_parameters())
+    assert branch.keys() == base.keys()
+    assert all(torch.equal(branch[n], base[n]) for n in branch)
+    assert all(branch[n].data_ptr() != base[n].data_ptr() for n in branch)
+
+
+def test_training_lowers_both_losses(spec):
+    critic, tok = make(spec, train_text_head=True)
+    b = batch(critic, tok)
+    opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=1e-2)
+    first = critic(**b)
+    for _ in range(15):
+        out = critic(**b)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert out.text_loss < first.text_loss * 0.5 and out.audio_loss < first.audio_loss * 0.5
+
+
+def test_export_round_trip(spec, tmp_path):
+    critic, tok = make(spec)
+    with torch.no_grad():
+        critic.audio_head.weight.add_(0.5)  # make the heads distinguishable from a fresh init
+    atok_dir = tmp_path / "atok"
+    atok_dir.mkdir()
+    (atok_dir / "marker.txt").write_text("x")
+    out = build.save_export(critic, tok, spec, {"name": "mel_kmeans", "options": {}}, atok_dir, MODEL_CFG, tmp_path / "exp")
+    assert (out / "base").is_dir() and (out / "adapter").is_dir() and (out / "heads.safetensors").exists()
+    b = batch(critic, tok)
+    critic.eval()
+    expected = critic(**b).loss
+    from vcritic.models.build import build_critic
+    import json
+    meta = json.loads((out / "critic.json").read_text())
+    assert meta["backbone"]["options"]["path"] == "base"
+    # load_export also loads the audio tokenizer; this checks the model half directly.
+    spec2 = {"name": "causal_lm", "options": {**meta["backbone"]["options"], "path": str(out / "base")}}
+    again, _ = build_critic(spec2, {**MODEL_CFG}, 16, adapter_dir=out / "adapter")
+    from safetensors.torch import load_file
+    heads = load_file(str(out / "heads.safetensors"))
+    for name, module in again.head_modules().items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")})
+    again.eval()
+    assert torch.allclose(again(**b).loss, expected, atol=1e-6)
+
+
+def test_audio_head_layers_out_of_range(spec):
+    with pytest.raises(ValueError, match="audio_head_layers=5"):
+        make(spec, audio_head_layers=5)

@@ -1,0 +1,157 @@
+"""The driver: one readable path from config to a registered critic.
+
+``run(cfg)`` = connect Ray → prepare data (Ray Data) → score the untrained critic →
+train (Ray Train + DeepSpeed) → pick the checkpoint with the lowest validation loss →
+score it → log and register it in MLflow. Heavy imports stay inside functions so the
+driver starts fast and workers import only what they use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import ray
+
+from vcritic.config import flatten, to_dict
+from vcritic.data.pipeline import PreparedData, prepare
+from vcritic.tracking import log_critic, register, tracking_uri
+
+log = logging.getLogger(__name__)
+
+# Set for the driver and every Ray worker: no hub access, quiet and predictable threading.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_DISABLE_USAGE_STATS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    prepared: PreparedData
+    best_checkpoint: str
+    best_val_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+    registered_version: int | None = None
+
+
+def connect_ray(cfg) -> None:
+    """Join ``ray.address`` or ``$RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+
+
+def _scq(cfg, critic, val_dir: str) -> dict[str, float]:
+    from vcritic.evaluate.scq import load_bank, scq_accuracy
+
+    rows = pd.read_parquet(val_dir).head(int(cfg.eval.scq_max_clips)).to_dict("records")
+    return scq_accuracy(critic, rows, load_bank(cfg.eval.scq_bank))
+
+
+def _untrained_critic(cfg, prepared: PreparedData):
+    """The critic as training starts (same seed as the workers): the 'before' baseline."""
+    import torch
+
+    from vcritic.critic import Critic
+    from vcritic.models.build import build_critic, load_audio_tokenizer
+
+    torch.manual_seed(int(cfg.run.seed))
+    model, tokenizer = build_critic(prepared.backbone_spec, to_dict(cfg.model), prepared.audio_codes)
+    audio_tok = load_audio_tokenizer(prepared.audio_tokenizer_spec, prepared.audio_tokenizer_dir)
+    return Critic(model, tokenizer, audio_tok, {"model": to_dict(cfg.model)})
+
+
+def _trainer(cfg, prepared: PreparedData, mlflow_target: dict[str, str]):
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from vcritic.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    resources = {"CPU": float(t.cpus_per_worker)}
+    if t.use_gpu:
+        resources["GPU"] = float(t.gpus_per_worker)
+    payload: dict[str, Any] = {
+        "cfg": to_dict(cfg),
+        "backbone_spec": prepared.backbone_spec,
+        "audio_codes": prepared.audio_codes,
+        "audio_frame_rate": prepared.audio_frame_rate,
+        "audio_tokenizer_dir": prepared.audio_tokenizer_dir,
+        "mlflow": mlflow_target,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str(Path(cfg.run.output_dir).resolve() / "ray_results"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=int(t.checkpoints_to_keep), checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            worker_runtime_env={"env_vars": WORKER_ENV},
+        ),
+        datasets={"train": ray.data.read_parquet(prepared.train_dir), "val": ray.data.read_parquet(prepared.val_dir)},
+    )
+
+
+def run(cfg) -> RunSummary:
+    """Run the whole job described by ``cfg``; returns where everything went."""
+    from vcritic.critic import Critic
+
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    connect_ray(cfg)
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_name=cfg.run.name) as active:
+        run_id = active.info.run_id
+        mlflow.log_params(flatten(cfg))
+        prepared = prepare(cfg)
+        mlflow.log_metrics({f"data_{k}": float(v) for k, v in prepared.counts.items()})
+        mlflow.log_artifact(prepared.quarantine_path, "data")
+        mlflow.log_artifact(prepared.duplicates_path, "data")
+        log.info("data: %s", prepared.counts)
+
+        metrics: dict[str, float] = {}
+        if cfg.eval.scq:
+            before = _scq(cfg, _untrained_critic(cfg, prepared), prepared.val_dir)
+            metrics.update({f"{k}_before": v for k, v in before.items()})
+            mlflow.log_metrics({f"{k}_before": v for k, v in before.items()})
+
+        result = _trainer(cfg, prepared, {"tracking_uri": uri, "run_id": run_id}).fit()
+        best, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"])
+        best_dir = best.path
+        export_dir = Path(best_dir) / "export"
+        mlflow.log_metrics({"best_val_loss": best_metrics["val_loss"], "best_epoch": best_metrics["epoch"]})
+        metrics.update({"best_val_loss": best_metrics["val_loss"], "best_epoch": best_metrics["epoch"]})
+
+        if cfg.eval.scq:
+            after = _scq(cfg, Critic.from_export(export_dir), prepared.val_dir)
+            metrics.update({f"{k}_after": v for k, v in after.items()})
+            mlflow.log_metrics({f"{k}_after": v for k, v in after.items()})
+
+        mlflow.log_dict(to_dict(cfg), "config.yaml")
+        info = log_critic(export_dir)
+        version = register(info.model_uri, cfg.mlflow.registered_model, cfg.mlflow.alias) if cfg.mlflow.register else None
+    return RunSummary(run_id, uri, cfg.mlflow.experiment, prepared, str(best_dir), float(best_metrics["val_loss"]),
+                      metrics, info.model_uri, version)
