@@ -1,0 +1,178 @@
+"""The data stage: manifest → validated, separated, embedded, deduplicated, split and
+tokenized Parquet shards, every step a Ray Data operation over CPU workers.
+
+Outputs go to ``<output_dir>/prepared/<fingerprint>/``; the fingerprint covers the manifest
+bytes and every setting that changes the result, so a rerun with the same inputs reuses
+the finished directory and a changed input gets a new one. Work happens in a ``.partial``
+directory renamed at the end, so an interrupted run never leaves half-written shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+
+from vcritic.config import to_dict
+from vcritic.data import audio, demo, stages
+from vcritic.data.dedup import drop_duplicates
+from vcritic.data.schema import critic_prompt
+from vcritic.data.split import add_split_column
+from vcritic.models.build import materialize_backbone
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+
+
+@dataclass
+class PreparedData:
+    root: str
+    train_dir: str
+    val_dir: str
+    quarantine_path: str
+    duplicates_path: str
+    backbone_spec: dict[str, Any]
+    audio_tokenizer_spec: dict[str, Any]
+    audio_tokenizer_dir: str
+    audio_codes: int
+    audio_frame_rate: float
+    counts: dict[str, int]
+    manifest: str
+
+    @classmethod
+    def load(cls, root: Path) -> PreparedData:
+        return cls(**json.loads((root / "prepared.json").read_text()))
+
+
+def manifest_path(cfg) -> Path:
+    """The configured manifest, or the demo set (generated once) under ``run.output_dir``."""
+    if cfg.data.manifest:
+        path = Path(cfg.data.manifest)
+        if not path.exists():
+            raise FileNotFoundError(f"data.manifest={cfg.data.manifest!r} does not exist; give a JSONL/Parquet manifest "
+                                    f"or leave it unset for the demo set")
+        return path
+    d = cfg.data.demo
+    return Path(demo.generate(Path(cfg.run.output_dir) / "demo_data", songs=d.songs, clips_per_song=d.clips_per_song,
+                              clip_seconds=d.clip_seconds, hum_seconds=d.hum_seconds, near_duplicates=d.near_duplicates,
+                              bad_rows=d.bad_rows, sample_rate=cfg.data.sample_rate, seed=cfg.run.seed))
+
+
+def fingerprint(cfg, manifest: Path) -> str:
+    h = hashlib.sha256(manifest.read_bytes())
+    settings = {k: v for k, v in to_dict(cfg.data).items() if k not in ("manifest", "demo")}
+    h.update(json.dumps({"format": FORMAT, "data": settings, "seed": cfg.run.seed,
+                         "backbone": to_dict(cfg.model.backbone),
+                         "audio_tokenizer": to_dict(cfg.model.audio_tokenizer)}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _read(manifest: Path) -> ray.data.Dataset:
+    if manifest.suffix == ".parquet" or manifest.is_dir():
+        ds = ray.data.read_parquet(str(manifest))
+    elif manifest.suffix in (".jsonl", ".json"):
+        ds = ray.data.read_json(str(manifest), lines=True)
+    else:
+        raise ValueError(f"manifest {manifest} must be .jsonl or .parquet")
+    rows = ds.count()
+    # Enough blocks that every CPU worker gets a share of the decoding.
+    return ds.repartition(max(2, min(256, rows // 16)))
+
+
+def _fit_audio_tokenizer(cfg, train: ray.data.Dataset, out_dir: Path):
+    tok = stages.plugin("audio_tokenizers", to_dict(cfg.model.audio_tokenizer))
+    clips = []
+    for row in train.take(int(cfg.data.tokenizer_fit_clips)):
+        ex = stages.example_of(row)
+        clips.append(audio.load(ex.music, tok.sample_rate))
+        if ex.target_audio is not None:
+            clips.append(audio.load(ex.target_audio, tok.sample_rate))
+    tok.fit(clips)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir))
+    return tok
+
+
+def _corpus(train: ray.data.Dataset, limit: int = 100_000) -> list[str]:
+    texts = []
+    for row in train.select_columns(["persona", "context", "target_text"]).take(limit):
+        texts += [critic_prompt(row["persona"], row["context"]), " " + row["target_text"]]
+    return texts
+
+
+def _write_jsonl(df: pd.DataFrame, path: Path) -> None:
+    df.to_json(path, orient="records", lines=True)
+
+
+def prepare(cfg) -> PreparedData:
+    """Run the whole data stage (or reuse its finished output). Needs a running Ray."""
+    manifest = manifest_path(cfg)
+    root = Path(cfg.run.output_dir).resolve() / "prepared" / fingerprint(cfg, manifest)
+    if (root / "prepared.json").exists():
+        log.info("reusing prepared data in %s", root)
+        return PreparedData.load(root)
+    work = root.with_name(root.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sr = int(cfg.data.sample_rate)
+
+    checked = _read(manifest).map_batches(
+        stages.validate, batch_format="pandas", batch_size=16,
+        fn_kwargs={"sample_rate": sr, "min_s": cfg.data.min_clip_seconds, "max_s": cfg.data.max_clip_seconds,
+                   "max_target_s": cfg.data.max_target_audio_seconds},
+    ).materialize()
+    good = checked.filter(lambda r: r["error"] == "")
+    if cfg.data.separator.name != "identity":  # identity would only copy files
+        good = good.map_batches(stages.separate, batch_format="pandas", batch_size=8, fn_kwargs={
+            "spec": to_dict(cfg.data.separator), "sources": list(cfg.data.separate_sources),
+            "sample_rate": sr, "out_dir": str(root.parent.parent / "separated" / root.name)})
+    embedded = good.map_batches(stages.embed, batch_format="pandas", batch_size=32,
+                                fn_kwargs={"spec": to_dict(cfg.data.embedder), "sample_rate": sr}).materialize()
+    kept, dropped = drop_duplicates(embedded, threshold=float(cfg.data.dedup_threshold))
+    kept = add_split_column(kept.drop_columns(["embedding"]), float(cfg.data.val_fraction), int(cfg.run.seed)).materialize()
+
+    train_rows = kept.filter(lambda r: r["split"] == "train")
+    audio_tok = _fit_audio_tokenizer(cfg, train_rows, work / "audio_tokenizer")
+    backbone_spec = materialize_backbone(to_dict(cfg.model.backbone), _corpus(train_rows), work / "base")
+    # The backbone was saved under .partial; point at where it will live after the rename.
+    if backbone_spec.get("from_scratch"):
+        backbone_spec["options"]["path"] = str(root / "base")
+        tokenizer_dir = str(work / "base")
+    else:
+        tokenizer_dir = backbone_spec["options"]["path"]
+
+    tokenized = kept.map_batches(stages.tokenize, batch_format="pandas", batch_size=16, fn_kwargs={
+        "tokenizer_dir": tokenizer_dir, "audio_spec": to_dict(cfg.model.audio_tokenizer),
+        "audio_dir": str(work / "audio_tokenizer")}).materialize()
+    ok = tokenized.filter(lambda r: r["error"] == "").drop_columns(["error", "stage", "raw"])
+    for split in ("train", "val"):
+        ok.filter(lambda r, s=split: r["split"] == s).write_parquet(str(work / split))
+
+    bad = pd.concat([checked.filter(lambda r: r["error"] != "").to_pandas(),
+                     tokenized.filter(lambda r: r["error"] != "").to_pandas()], ignore_index=True)
+    columns = ["example_id", "stage", "error", "raw"]
+    _write_jsonl(bad[columns] if len(bad) else pd.DataFrame(columns=columns), work / "quarantine.jsonl")
+    dup = dropped.to_pandas()
+    _write_jsonl(dup[["example_id", "song_id", "reason"]] if len(dup) else pd.DataFrame(columns=["example_id"]),
+                 work / "duplicates.jsonl")
+    counts = {"input": checked.count(), "quarantined": len(bad), "near_duplicates": len(dup),
+              "train": ok.filter(lambda r: r["split"] == "train").count(),
+              "val": ok.filter(lambda r: r["split"] == "val").count()}
+    prepared = PreparedData(
+        root=str(root), train_dir=str(root / "train"), val_dir=str(root / "val"),
+        quarantine_path=str(root / "quarantine.jsonl"), duplicates_path=str(root / "duplicates.jsonl"),
+        backbone_spec=backbone_spec, audio_tokenizer_spec=to_dict(cfg.model.audio_tokenizer),
+        audio_tokenizer_dir=str(root / "audio_tokenizer"), audio_codes=int(audio_tok.vocab_size),
+        audio_frame_rate=float(audio_tok.frame_rate), counts=counts, manifest=str(manifest.resolve()),
+    )
+    (work / "prepared.json").write_text(json.dumps(asdict(prepared), indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    work.rename(root)
+    return prepared
