@@ -49,8 +49,9 @@ class Backbone(Protocol):
         """Run ``layers`` (copies of the model's own) causally over ``hidden`` [B, T, H]."""
         ...
 
-    def lora_target_modules(self) -> list[str]:
-        """Names of the linear modules LoRA adapts."""
+    def lora_target_modules(self) -> list[str] | str:
+        """Module names LoRA adapts, or one regex (peft matches a list by name suffix, which can
+        catch same-named modules in audio/vision towers)."""
         ...
 
     def spec(self) -> dict[str, Any]:

@@ -105,6 +105,10 @@ def build_critic(
     vocab = Vocab.from_tokenizer(tokenizer, audio_codes)
     # The audio branch copies plain (pre-LoRA) layers.
     critic = JointCritic(trunk, backbone, vocab, int(model_cfg["audio_head_layers"]), float(model_cfg["loss_lambda"]))
+    # The new modules take the trunk's dtype (a bf16 backbone gets bf16 heads).
+    dtype = trunk.get_input_embeddings().weight.dtype
+    for module in critic.head_modules().values():
+        module.to(dtype)
     if adapter_dir is not None:
         critic.trunk = PeftModel.from_pretrained(trunk, str(adapter_dir), is_trainable=True)
     else:
