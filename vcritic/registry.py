@@ -41,6 +41,7 @@ FIRST_PARTY: dict[str, dict[str, str]] = {
     },
     "separators": {
         "identity": "plugins.dsp.separators:IdentitySeparator",
+        "hpss_harmonic": "plugins.dsp.separators:HarmonicSeparator",
         "vad_gate": "plugins.speech.vad_gate:VadGateSeparator",
     },
     "asr": {
