@@ -1,0 +1,268 @@
+"""Near-duplicate removal by cosine similarity of L2-normalised embeddings: one faiss index built
+on the driver over rows sorted by id (deterministic positions), its self-join range search sharded
+over Ray Data CPU actors; each connected group of near-duplicates keeps its smallest id."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+logger = logging.getLogger(__name__)
+
+EXACT_MAX = 20_000
+NPROBE = 16
+_GPU_K = 1024  # neighbours per GPU k-NN query before GpuRangeIndex falls back to the CPU
+
+
+def _as_matrix(column: np.ndarray) -> np.ndarray:
+    """A Ray batch column (2-D tensor, or object array of vectors) as a float32 matrix."""
+    if column.dtype != object and column.ndim == 2:
+        return np.ascontiguousarray(column, dtype=np.float32)
+    return np.stack([np.asarray(v, dtype=np.float32) for v in column]) if len(column) else np.zeros((0, 0), np.float32)
+
+
+def _validate(embeddings: np.ndarray, ids: Sequence[str] | None = None) -> np.ndarray:
+    x = np.asarray(embeddings)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(f"embeddings must be a non-empty 2-D (rows, dim) array, got shape {x.shape}; "
+                         "stack one vector per row")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1)  # NaN/inf anywhere in a row makes its norm non-finite
+    for bad, problem, fix in (
+        (~np.isfinite(norms), "has NaN or inf values", "drop or recompute those rows"),
+        (np.abs(norms - 1.0) > 1e-3, "is not L2-normalised", "divide each row by its L2 norm"),
+    ):
+        if bad.any():
+            row = int(np.argmax(bad))
+            name = f"row {row}" if ids is None else f"row {ids[row]!r}"
+            raise ValueError(f"embedding {name} {problem} (norm {norms[row]:.4f}; "
+                             f"{int(bad.sum())} bad rows): {fix} before dedup")
+    return x
+
+
+def build_index(
+    embeddings: np.ndarray, use_gpu: bool = False, exact_max: int = EXACT_MAX, seed: int = 0
+) -> faiss.Index:
+    """Inner-product index: exact ``IndexFlatIP`` up to ``exact_max`` rows (O(N^2) self-join), else IVFFlat.
+
+    Args:
+        embeddings: (N, d) L2-normalised vectors; row k gets index position k.
+        use_gpu: move the index to GPU 0 if this faiss build has GPU support.
+        seed: seed of the IVF training sample.
+    Returns:
+        A faiss index (or a :class:`GpuRangeIndex`) holding every row.
+    Raises:
+        ValueError: not 2-D, empty, non-finite, or rows not unit-norm within 1e-3.
+    """
+    x = _validate(embeddings)
+    n, d = x.shape
+    if n <= exact_max:
+        index = faiss.IndexFlatIP(d)
+    else:
+        # ~4 sqrt(N) lists, but k-means wants >= 39 points per centroid (faiss warns below that).
+        nlist = max(1, min(4096, int(round(4 * math.sqrt(n))), n // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        # Training on ~40 points per centroid is enough; more only slows k-means.
+        sample = np.random.default_rng(seed).choice(n, size=min(n, 40 * nlist), replace=False)
+        index.train(x[np.sort(sample)])
+        index.nprobe = NPROBE
+    index.add(x)
+    if use_gpu and not hasattr(faiss, "StandardGpuResources"):
+        logger.info("use_gpu=True but this faiss build has no GPU support; using the CPU index")
+    elif use_gpu:
+        res = faiss.StandardGpuResources()
+        return GpuRangeIndex(faiss.index_cpu_to_gpu(res, 0, index), index, res)
+    return index
+
+
+class GpuRangeIndex:
+    """``range_search``, which faiss GPU indexes lack: k-NN on the GPU, then a CPU range search
+    for the queries whose k-th neighbour is still above the radius."""
+
+    def __init__(self, gpu_index: faiss.Index, cpu_index: faiss.Index, resources=None):
+        self.gpu_index, self.cpu_index, self.resources = gpu_index, cpu_index, resources  # keep res alive
+        self.ntotal, self.d = cpu_index.ntotal, cpu_index.d
+
+    def range_search(self, queries: np.ndarray, radius: float):
+        from faiss.contrib.exhaustive_search import range_search_gpu
+
+        return range_search_gpu(queries, radius, self.gpu_index, self.cpu_index, gpu_k=_GPU_K)
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+
+
+def _search(index, queries: np.ndarray, positions: np.ndarray, threshold: float, batch_size: int):
+    """(i, j, sim) arrays of pairs i < j with similarity > threshold, in index positions."""
+    _check_threshold(threshold)
+    if len(positions) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(positions)} query ids")
+    out_i, out_j, out_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    # Batches bound the result buffers (and HNSW aborts on big range_search calls).
+    for start in range(0, len(queries), batch_size):
+        q = np.ascontiguousarray(queries[start : start + batch_size], dtype=np.float32)
+        lims, sims, hits = index.range_search(q, float(threshold))  # keeps sim > threshold only
+        rows = np.repeat(np.asarray(positions[start : start + batch_size], np.int64),
+                         np.diff(lims).astype(np.int64))
+        keep = hits != rows
+        out_i.append(np.minimum(rows, hits)[keep])
+        out_j.append(np.maximum(rows, hits)[keep])
+        out_s.append(sims[keep].astype(np.float32))
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+
+
+def duplicate_pairs(
+    index: faiss.Index, queries: np.ndarray, query_ids: list[int], threshold: float, batch_size: int = 512
+) -> list[tuple[int, int]]:
+    """Index positions of every pair with cosine similarity > ``threshold``.
+
+    Args:
+        index: from :func:`build_index`; queries: (n, d) unit vectors, usually indexed rows.
+        query_ids: index position of each query row (so self-matches can be dropped).
+        threshold: cut in (0, 1); faiss keeps inner products strictly above it.
+    Returns:
+        Sorted unique pairs (i, j) with i < j, no self-pairs.
+    Raises:
+        ValueError: threshold out of range, or queries and query_ids differ in length.
+    """
+    i, j, _ = _search(index, queries, np.asarray(query_ids, np.int64), threshold, batch_size)
+    return sorted(set(zip(i.tolist(), j.tolist(), strict=True)))
+
+
+def resolve_duplicates(ids: Sequence[str], i: np.ndarray, j: np.ndarray, sims: np.ndarray) -> dict[str, str]:
+    """Union-find over similar pairs; each connected group keeps its smallest id.
+
+    Args:
+        ids: id of each index position.
+        i, j, sims: pair positions and their cosine similarity (any order, repeats allowed).
+    Returns:
+        {dropped id: reason}: "near-duplicate of A (cosine 0.987)", or, for a row that matched
+        only another dropped row B of A's group, "near-duplicate of A via B (cosine 0.961)".
+    """
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]  # path halving
+            a = parent[a]
+        return a
+
+    best: dict[tuple[int, int], float] = {}
+    for a, b, s in zip(i.tolist(), j.tolist(), sims.tolist(), strict=True):
+        key = (min(a, b), max(a, b))
+        best[key] = max(s, best.get(key, -1.0))  # the two directions may differ in the last bit
+        ra, rb = sorted((find(a), find(b)), key=lambda r: ids[r])
+        parent[rb] = ra  # the root is always its group's smallest id
+    partners: dict[int, dict[int, float]] = {}
+    for (a, b), s in best.items():
+        partners.setdefault(a, {})[b] = partners.setdefault(b, {})[a] = s
+    reasons: dict[str, str] = {}
+    for row, found in partners.items():
+        keeper = find(row)
+        if keeper in found:
+            reasons[ids[row]] = f"near-duplicate of {ids[keeper]} (cosine {found[keeper]:.3f})"
+        elif keeper != row:  # joined the group through a chain: name its strongest direct match
+            p = min(found, key=lambda q: (-found[q], ids[q]))
+            reasons[ids[row]] = f"near-duplicate of {ids[keeper]} via {ids[p]} (cosine {found[p]:.3f})"
+    return reasons
+
+
+class _RangeSearcher:
+    """Ray Data actor: deserializes the index once, range-searches batches of rows."""
+
+    def __init__(self, refs: dict, threshold: float, batch_size: int, id_column: str, embedding_column: str):
+        faiss.omp_set_num_threads(1)  # one CPU per actor; more threads only oversubscribe
+        # Nested in a dict, the refs arrive unresolved; the driver holds them for the whole job.
+        self.index = faiss.deserialize_index(ray.get(refs["index"]))
+        self.ids = ray.get(refs["ids"])
+        self.args = (threshold, batch_size, id_column, embedding_column)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        threshold, batch_size, id_column, embedding_column = self.args
+        positions = np.searchsorted(self.ids, batch[id_column].astype(str))
+        i, j, s = _search(self.index, _as_matrix(batch[embedding_column]), positions, threshold, batch_size)
+        return {"i": i, "j": j, "sim": s}
+
+
+def _find(ds, threshold, id_column, embedding_column, batch_size, num_workers) -> dict[str, str]:
+    _check_threshold(threshold)  # on the driver, before any work, not inside an actor
+    cols = ds.select_columns([id_column, embedding_column]).materialize()
+    ids, vecs = [], []
+    for batch in cols.iter_batches(batch_format="numpy", batch_size=8192):
+        ids.extend(str(v) for v in batch[id_column])
+        vecs.append(_as_matrix(batch[embedding_column]))
+    if len(ids) < 2:
+        return {}
+    order = np.argsort(np.array(ids), kind="stable")
+    sorted_ids = np.array(ids)[order]
+    repeats = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+    if len(repeats):
+        raise ValueError(f"{id_column} must be unique but {repeats[0]!r} repeats; fix the manifest")
+    index = build_index(_validate(np.concatenate(vecs)[order], sorted_ids), exact_max=EXACT_MAX)  # names bad ids
+    if num_workers is None:
+        num_workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if cols.num_blocks() < 2 * num_workers:  # too few blocks would leave actors idle
+        cols = cols.repartition(2 * num_workers).materialize()
+    refs = {"index": ray.put(faiss.serialize_index(index)), "ids": ray.put(sorted_ids)}
+    pairs = cols.map_batches(
+        _RangeSearcher, fn_constructor_args=(refs, threshold, batch_size, id_column, embedding_column),
+        batch_size=batch_size, batch_format="numpy", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_workers),  # starts on 1 free CPU
+    )
+    found = list(pairs.iter_batches(batch_format="numpy", batch_size=None))
+    i, j, s = (np.concatenate([b[k] for b in found] or [np.zeros(0)]) for k in ("i", "j", "sim"))
+    return resolve_duplicates(sorted_ids.tolist(), i.astype(np.int64), j.astype(np.int64), s)
+
+
+def find_duplicates(
+    ds: ray.data.Dataset, threshold: float = 0.95, id_column: str = "example_id",
+    embedding_column: str = "embedding", batch_size: int = 512, num_workers: int | None = None,
+) -> set[str]:
+    """Ids to drop so that no two kept rows have cosine similarity > ``threshold`` (in (0, 1)).
+
+    Args:
+        ds: rows with a unique id and an L2-normalised embedding.
+        num_workers: range-search actors (1 CPU each); default: the cluster's CPU count.
+    Returns:
+        Every id of each near-duplicate group except its smallest (deterministic).
+    Raises:
+        ValueError: bad threshold, repeated ids, or embeddings that are not finite unit vectors.
+    """
+    return set(_find(ds, threshold, id_column, embedding_column, batch_size, num_workers))
+
+
+def _select(table: pa.Table, reasons: dict[str, str], id_column: str, dropped: bool) -> pa.Table:
+    mask = pc.is_in(table[id_column].cast(pa.string()), value_set=pa.array(list(reasons), pa.string()))
+    if not dropped:
+        return table.filter(pc.invert(mask))
+    table = table.filter(mask)
+    why = [reasons[str(v)] for v in table[id_column].to_pylist()]
+    return table.append_column("reason", pa.array(why, pa.string()))
+
+
+def drop_duplicates(
+    ds: ray.data.Dataset, threshold: float = 0.95, id_column: str = "example_id",
+    embedding_column: str = "embedding", batch_size: int = 512, num_workers: int | None = None,
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """Split ``ds`` into (kept, dropped); dropped rows get a ``reason`` column. Args and Raises:
+    as :func:`find_duplicates`.
+
+    Returns:
+        (kept, dropped), both reading one materialized copy of ``ds``.
+    """
+    ds = ds.materialize()  # upstream stages (e.g. embedding) must not run once per output
+    reasons = _find(ds, threshold, id_column, embedding_column, batch_size, num_workers)
+    kwargs = {"reasons": reasons, "id_column": id_column}
+    kept = ds.map_batches(_select, batch_format="pyarrow", fn_kwargs={**kwargs, "dropped": False})
+    dropped = ds.map_batches(_select, batch_format="pyarrow", fn_kwargs={**kwargs, "dropped": True})
+    return kept, dropped
