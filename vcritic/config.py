@@ -124,6 +124,8 @@ class TrainConfig:
     """fp32 | bf16"""
     cpu_shm_comm: bool = False
     """DeepSpeed's shared-memory all-reduce on CPU (compiles a C++ op on first use, ~40 s)."""
+    log_every_steps: int = 5
+    """Optimizer steps between training-metric writes to MLflow."""
     checkpoints_to_keep: int = 2
     resume_from: str | None = None
     """A Ray Train checkpoint directory to start from (a restarted run resumes by itself)."""

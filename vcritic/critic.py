@@ -7,7 +7,7 @@ and exact for the short outputs critics produce; a cached decoder is a later opt
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,15 @@ class Critic:
         return cls(*load_export(export_dir))
 
     # -- inputs -------------------------------------------------------------------------
-    def music_tokens(self, audio: str | np.ndarray | AudioRef) -> list[int]:
+    def music_inputs(self, audio: str | np.ndarray | AudioRef) -> tuple[list[int], np.ndarray]:
+        """Audio ids and continuous frames of a clip (a path, an :class:`AudioRef` or samples)."""
         if isinstance(audio, str):
             audio = AudioRef(audio)
         if isinstance(audio, AudioRef):
             audio = load_audio(audio, self.audio_tokenizer.sample_rate)
-        return [int(i) for i in self.audio_tokenizer.encode(np.asarray(audio, dtype=np.float32))]
+        samples = np.asarray(audio, dtype=np.float32)
+        ids = [int(i) for i in self.audio_tokenizer.encode(samples)]
+        return ids, self.audio_tokenizer.features(samples)[: len(ids)]
 
     def prompt_ids(self, persona: str, context: str = "") -> list[int]:
         limit = int(self.meta["model"]["max_prompt_tokens"])
@@ -59,17 +62,18 @@ class Critic:
         batch = collate([streams], self.vocab)
         with torch.no_grad():
             return self.model.hidden_and_logits(
-                batch["text_ids"], batch["audio_ids"], batch["music_mask"], batch["attention_mask"], with_audio
+                batch["text_ids"], batch["audio_ids"], batch["music_mask"], batch["attention_mask"],
+                batch["music_features"], with_audio,
             )
 
     # -- generation ---------------------------------------------------------------------
     def critique(self, audio, persona: str, context: str = "", max_text_tokens: int = 64,
                  max_audio_tokens: int = 40, speak: bool = True) -> Critique:
         """Greedy critique of one clip: text first, then (if ``speak``) speech tokens decoded to audio."""
-        prompt, music = self.prompt_ids(persona, context), self.music_tokens(audio)
+        prompt, (music, frames) = self.prompt_ids(persona, context), self.music_inputs(audio)
         text: list[int] = []
         for _ in range(max_text_tokens):
-            streams = build_streams(self.vocab, prompt, music, text, None)
+            streams = build_streams(self.vocab, prompt, music, text, None, music_features=frames)
             text_logits, _ = self._logits(self._open_ended(streams), with_audio=False)
             nxt = int(text_logits[0, -1].argmax())
             if nxt == self.vocab.eos:
@@ -78,7 +82,7 @@ class Critic:
         speech: list[int] = []
         if speak and self.model.loss_lambda < 1.0:
             for _ in range(max_audio_tokens):
-                streams = build_streams(self.vocab, prompt, music, text, speech)
+                streams = build_streams(self.vocab, prompt, music, text, speech, music_features=frames)
                 _, audio_logits = self._logits(streams, with_audio=True)
                 # Only real codes or EOS may be produced.
                 logits = audio_logits[0, -1].clone()
@@ -95,17 +99,18 @@ class Critic:
     def _open_ended(streams: Streams) -> Streams:
         """``build_streams`` closes the critique with <eos>; generation wants it left open."""
         cut = len(streams.text) - 1
-        return Streams(streams.text[:cut], streams.audio[:cut], streams.music[:cut],
-                       streams.text_labels[:cut], streams.audio_labels[:cut])
+        return replace(streams, text=streams.text[:cut], audio=streams.audio[:cut], music=streams.music[:cut],
+                       text_labels=streams.text_labels[:cut], audio_labels=streams.audio_labels[:cut])
 
     # -- scoring ------------------------------------------------------------------------
-    def continuation_logprob(self, prompt: Sequence[int], music: Sequence[int], prefix: str, continuation: str) -> float:
+    def continuation_logprob(self, prompt: Sequence[int], music: Sequence[int], frames: np.ndarray | None,
+                             prefix: str, continuation: str) -> float:
         """Mean log-probability of the tokens of ``continuation`` when the critique starts
         with ``prefix`` (used to answer single-choice questions)."""
         prefix_ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
         full_ids = self.tokenizer(prefix + continuation, add_special_tokens=False)["input_ids"]
         start = len(prefix_ids) if full_ids[: len(prefix_ids)] == prefix_ids else 0
-        streams = build_streams(self.vocab, prompt, music, full_ids, None)
+        streams = build_streams(self.vocab, prompt, music, full_ids, None, music_features=frames)
         text_logits, _ = self._logits(streams, with_audio=False)
         logp = torch.log_softmax(text_logits[0].float(), dim=-1)
         labels = torch.tensor(streams.text_labels)

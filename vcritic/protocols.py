@@ -61,11 +61,20 @@ class Backbone(Protocol):
 
 @runtime_checkable
 class AudioTokenizer(Protocol):
-    """Turns audio into discrete ids and back."""
+    """Turns audio into discrete ids and back, and exposes the continuous frames behind the ids.
+
+    ``features`` gives one continuous vector per id frame (what the ids quantise); the critic's
+    audio input encoder reads both, so fine detail lost by quantisation still reaches the model.
+    """
 
     sample_rate: int
     frame_rate: float  # ids per second
     vocab_size: int
+    feature_dim: int
+
+    def features(self, samples: np.ndarray) -> np.ndarray:
+        """Mono float32 audio → float32 [frames, feature_dim], aligned with ``encode``'s ids."""
+        ...
 
     def fit(self, clips: Sequence[np.ndarray]) -> None:
         """Learn what the tokenizer needs from training audio (no-op for pretrained codecs)."""

@@ -71,6 +71,20 @@ def pip_requirements() -> list[str]:
     return pins
 
 
+def critic_signature():
+    """Inputs ``audio_path``, ``persona`` (and optional ``context``) → ``critique`` (and
+    ``speech_path`` when the ``speech_dir`` param is given)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "audio_path"), ColSpec("string", "persona"),
+                       ColSpec("string", "context", required=False)]),
+        outputs=Schema([ColSpec("string", "critique"), ColSpec("string", "speech_path", required=False)]),
+        params=ParamSchema([ParamSpec("speech_dir", "string", "")]),
+    )
+
+
 def log_critic(export_dir: str | Path, name: str = "critic"):
     """Log an export as an MLflow pyfunc model in the active run; returns its ModelInfo."""
     import mlflow
@@ -80,6 +94,7 @@ def log_critic(export_dir: str | Path, name: str = "critic"):
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=CriticPyfunc(),
+        signature=critic_signature(),
         artifacts={"critic": str(export_dir)},
         code_paths=code_paths(),
         pip_requirements=pip_requirements(),

@@ -66,6 +66,7 @@ class MelKMeansTokenizer:
         self.n_mels = int(n_mels)
         self.codebook_size = int(codebook_size)
         self.vocab_size = self.codebook_size
+        self.feature_dim = self.n_mels
         self.n_fft = int(n_fft)
         self.seed = int(seed)
         self.griffin_lim_iters = int(griffin_lim_iters)

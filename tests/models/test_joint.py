@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from vcritic.models import build
 from vcritic.models.sequence import IGNORE, build_streams, collate
 
+FEAT = 6  # width of the continuous music frames
 CORPUS = ["Persona: a fan.\nListen and critique:", " the lead sounds like a flute. it sits in G major."] * 10
 MODEL_CFG = dict(audio_head_layers=1, loss_lambda=2 / 3, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                  lora_target_modules=None, train_text_head=False, max_prompt_tokens=64, max_text_tokens=64,
@@ -23,15 +24,38 @@ def spec(tmp_path_factory):
 
 def make(spec, **overrides):
     torch.manual_seed(0)
-    return build.build_critic(spec, {**MODEL_CFG, **overrides}, audio_codes=16)
+    return build.build_critic(spec, {**MODEL_CFG, **overrides}, audio_codes=16, feature_dim=FEAT)
 
 
 def batch(critic, tok):
     v = critic.vocab
+    frames = torch.Generator().manual_seed(1)
     return collate([
-        build_streams(v, tok("Persona: a fan.")["input_ids"], [1, 2, 3], tok(" it sits in G major.")["input_ids"], [4, 5]),
-        build_streams(v, tok("Persona: x")["input_ids"], [7, 7, 7, 7], tok(" flute.")["input_ids"], [9, 9, 9]),
+        build_streams(v, tok("Persona: a fan.")["input_ids"], [1, 2, 3], tok(" it sits in G major.")["input_ids"], [4, 5],
+                      music_features=torch.randn(3, FEAT, generator=frames).numpy()),
+        build_streams(v, tok("Persona: x")["input_ids"], [7, 7, 7, 7], tok(" flute.")["input_ids"], [9, 9, 9],
+                      music_features=torch.randn(4, FEAT, generator=frames).numpy()),
     ], v)
+
+
+def test_music_frames_sit_on_the_music_span(spec):
+    critic, tok = make(spec)
+    b = batch(critic, tok)
+    feats, mask = b["music_features"], b["music_mask"]
+    assert feats.shape == (*b["text_ids"].shape, FEAT)
+    assert torch.all(feats[~mask] == 0) and torch.all(feats[mask].abs().sum(-1) > 0)
+    with pytest.raises(ValueError, match="one frame per music token"):
+        build_streams(critic.vocab, [1], [1, 2], music_features=torch.zeros(3, FEAT).numpy())
+
+
+def test_the_model_hears_the_frames(spec):
+    """Changing only the continuous frames changes the text prediction."""
+    critic, tok = make(spec)
+    critic.eval()
+    b = batch(critic, tok)
+    base = critic(**b).text_logits
+    b["music_features"] = b["music_features"] * 3 + 1
+    assert not torch.allclose(critic(**b).text_logits, base)
 
 
 def test_stream_layout(spec):
@@ -52,7 +76,8 @@ def test_each_loss_is_averaged_over_its_own_tokens(spec):
     critic, tok = make(spec)
     b = batch(critic, tok)
     out = critic(**b)
-    text_logits, audio_logits = critic.hidden_and_logits(b["text_ids"], b["audio_ids"], b["music_mask"], b["attention_mask"])
+    text_logits, audio_logits = critic.hidden_and_logits(b["text_ids"], b["audio_ids"], b["music_mask"],
+                                                         b["attention_mask"], b["music_features"])
     text_ce = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), b["text_labels"].reshape(-1), ignore_index=IGNORE)
     audio_ce = F.cross_entropy(audio_logits.reshape(-1, audio_logits.shape[-1]), b["audio_labels"].reshape(-1), ignore_index=IGNORE)
     assert torch.allclose(out.text_loss, text_ce) and torch.allclose(out.audio_loss, audio_ce)
@@ -65,7 +90,7 @@ def test_lambda_one_is_exactly_text_sft(spec):
     b = batch(critic, tok)
     out = critic(**b)
     # The plain causal LM on the same inputs gives the same loss: the audio side plays no part.
-    embeds = critic.embed(b["text_ids"], b["audio_ids"], b["music_mask"])
+    embeds = critic.embed(b["text_ids"], b["audio_ids"], b["music_mask"], b["music_features"])
     logits = critic.trunk(inputs_embeds=embeds, attention_mask=b["attention_mask"]).logits
     plain = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["text_labels"].reshape(-1), ignore_index=IGNORE)
     assert torch.equal(out.loss, plain)
@@ -125,13 +150,14 @@ def test_export_round_trip(spec, tmp_path):
     b = batch(critic, tok)
     critic.eval()
     expected = critic(**b).loss
-    from vcritic.models.build import build_critic
     import json
+
+    from vcritic.models.build import build_critic
     meta = json.loads((out / "critic.json").read_text())
     assert meta["backbone"]["options"]["path"] == "base"
     # load_export also loads the audio tokenizer; this checks the model half directly.
     spec2 = {"name": "causal_lm", "options": {**meta["backbone"]["options"], "path": str(out / "base")}}
-    again, _ = build_critic(spec2, {**MODEL_CFG}, 16, adapter_dir=out / "adapter")
+    again, _ = build_critic(spec2, {**MODEL_CFG}, 16, FEAT, adapter_dir=out / "adapter")
     from safetensors.torch import load_file
     heads = load_file(str(out / "heads.safetensors"))
     for name, module in again.head_modules().items():

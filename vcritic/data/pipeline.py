@@ -28,7 +28,7 @@ from vcritic.data.split import add_split_column
 from vcritic.models.build import materialize_backbone
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # bump when the shard layout changes, so old prepared data is not reused
 
 
 @dataclass
@@ -42,6 +42,7 @@ class PreparedData:
     audio_tokenizer_spec: dict[str, Any]
     audio_tokenizer_dir: str
     audio_codes: int
+    audio_feature_dim: int
     audio_frame_rate: float
     counts: dict[str, int]
     manifest: str
@@ -170,6 +171,7 @@ def prepare(cfg) -> PreparedData:
         quarantine_path=str(root / "quarantine.jsonl"), duplicates_path=str(root / "duplicates.jsonl"),
         backbone_spec=backbone_spec, audio_tokenizer_spec=to_dict(cfg.model.audio_tokenizer),
         audio_tokenizer_dir=str(root / "audio_tokenizer"), audio_codes=int(audio_tok.vocab_size),
+        audio_feature_dim=int(audio_tok.feature_dim),
         audio_frame_rate=float(audio_tok.frame_rate), counts=counts, manifest=str(manifest.resolve()),
     )
     (work / "prepared.json").write_text(json.dumps(asdict(prepared), indent=2))

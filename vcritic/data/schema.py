@@ -141,7 +141,8 @@ def parse_row(row: dict[str, Any]) -> Example:
 
 
 # Columns the tokenize stage adds; training shards hold Example columns plus these.
-TOKEN_COLUMNS = ("prompt_ids", "target_text_ids", "music_tokens", "target_audio_tokens")
+TOKEN_COLUMNS = ("prompt_ids", "target_text_ids", "music_tokens", "music_features", "target_audio_tokens")
+"""``music_features`` holds the audio tokenizer's continuous frames, flattened ([frames * feature_dim])."""
 
 
 def critic_prompt(persona: str, context: str) -> str:

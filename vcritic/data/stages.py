@@ -144,11 +144,14 @@ def tokenize(batch: pd.DataFrame, tokenizer_dir: str, audio_spec: dict[str, Any]
             ex = example_of(row)
             row["prompt_ids"] = text_tok(critic_prompt(ex.persona, ex.context))["input_ids"]
             row["target_text_ids"] = text_tok(" " + ex.target_text.strip(), add_special_tokens=False)["input_ids"]
-            row["music_tokens"] = audio_tok.encode(audio.load(ex.music, rate)).astype(np.int64).tolist()
+            music = audio.load(ex.music, rate)
+            row["music_tokens"] = audio_tok.encode(music).astype(np.int64).tolist()
+            row["music_features"] = audio_tok.features(music).astype(np.float32).reshape(-1).tolist()
             target = ex.target_audio
             row["target_audio_tokens"] = [] if target is None else audio_tok.encode(audio.load(target, rate)).astype(np.int64).tolist()
         except (RowError, audio.AudioError, ValueError) as exc:
-            row.update({"prompt_ids": [], "target_text_ids": [], "music_tokens": [], "target_audio_tokens": [],
+            row.update({"prompt_ids": [], "target_text_ids": [], "music_tokens": [], "music_features": [],
+                        "target_audio_tokens": [],
                         "error": f"example {row.get('example_id')!r}: tokenize: {exc}", "stage": "tokenize"})
         out.append(row)
     return pd.DataFrame(out)

@@ -3,12 +3,20 @@
 A question bank entry describes one checkable fact::
 
     {"fact": "key", "question": "Which key is the song in?", "stem": "it sits in",
-     "options": ["C major", ...], "answer_format": "{}", "suffix": "."}
+     "options": ["C major", ...], "answer_format": "{}", "format": "{}."}
 
 For each held-out clip whose ``facts`` JSON has that fact, the critic hears the clip, reads
 its persona prompt, and every option is scored by the mean log-probability of
-``" " + option + suffix`` following ``" " + stem`` at the start of its critique. The
-highest-scoring option is its answer; accuracy is the share answered correctly.
+``" " + format.format(option)`` as the continuation of a cloze: the reference critique's
+own words up to and including the stem (just the stem if the critique does not contain it).
+``answer_format`` turns the fact's value into the text of the right option. The
+highest-scoring option is the critic's answer; accuracy is the share answered correctly.
+
+Why a cloze in the critique's own words: a critic is trained to write critiques, not to
+answer quiz prompts, and a stem placed where no critique ever starts measures that
+mismatch rather than what the critic heard. Other facts that precede the stem in the
+reference must not give the answer away, which holds when facts vary independently
+across songs (as in the demo set).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from vcritic import registry
 
@@ -30,7 +40,8 @@ class Question:
     stem: str
     options: tuple[str, ...]
     answer: int
-    suffix: str = ""
+    format: str = "{}"
+    prefix: str = ""  # cloze context: the reference critique up to and including the stem
 
 
 def load_bank(target: str) -> list[dict[str, Any]]:
@@ -54,8 +65,11 @@ def make_questions(rows: Iterable[dict[str, Any]], bank: Sequence[dict[str, Any]
             if answer_text not in options:
                 raise ValueError(f"example {row['example_id']!r}: fact {entry['fact']}={facts[entry['fact']]!r} gives "
                                  f"answer {answer_text!r}, which is not among the options {options}")
+            reference = " " + str(row.get("target_text") or "").strip()
+            cut = reference.find(" " + entry["stem"])
+            prefix = reference[: cut + 1 + len(entry["stem"])] if cut >= 0 else " " + entry["stem"]
             questions.append(Question(row["example_id"], entry["fact"], entry["question"], entry["stem"], options,
-                                      options.index(answer_text), entry.get("suffix", "")))
+                                      options.index(answer_text), entry.get("format", "{}"), prefix))
     return questions
 
 
@@ -64,7 +78,7 @@ def scq_accuracy(critic, rows: Sequence[dict[str, Any]], bank: Sequence[dict[str
 
     Args:
         critic: a :class:`vcritic.critic.Critic`.
-        rows: tokenized shard rows (``prompt_ids``, ``music_tokens``, ``facts``, ``example_id``).
+        rows: tokenized shard rows (``prompt_ids``, ``music_tokens``, ``facts``, ``target_text``, ``example_id``).
         bank: question bank entries (see module docstring).
 
     Returns:
@@ -77,9 +91,12 @@ def scq_accuracy(critic, rows: Sequence[dict[str, Any]], bank: Sequence[dict[str
     right: dict[str, list[bool]] = defaultdict(list)
     for q in questions:
         row = by_id[q.example_id]
+        frames = None
+        if row.get("music_features") is not None:
+            frames = np.asarray(row["music_features"], dtype=np.float32).reshape(len(row["music_tokens"]), -1)
         scores = [
-            critic.continuation_logprob(list(row["prompt_ids"]), list(row["music_tokens"]), " " + q.stem,
-                                        " " + option + q.suffix)
+            critic.continuation_logprob(list(row["prompt_ids"]), list(row["music_tokens"]), frames, q.prefix,
+                                        " " + q.format.format(option))
             for option in q.options
         ]
         right[q.fact].append(max(range(len(scores)), key=scores.__getitem__) == q.answer)

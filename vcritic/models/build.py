@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from vcritic import registry
@@ -85,7 +84,8 @@ def _lora_config(model_cfg: dict[str, Any], backbone, new_token_ids: list[int]):
 
 
 def build_critic(
-    backbone_spec: dict[str, Any], model_cfg: dict[str, Any], audio_codes: int, adapter_dir: str | Path | None = None
+    backbone_spec: dict[str, Any], model_cfg: dict[str, Any], audio_codes: int, feature_dim: int,
+    adapter_dir: str | Path | None = None,
 ) -> tuple[JointCritic, Any]:
     """Build a LoRA-wrapped joint critic.
 
@@ -93,6 +93,7 @@ def build_critic(
         backbone_spec: ``{"name", "options"}`` (from :func:`materialize_backbone`).
         model_cfg: the ``model`` section of the config (LoRA, K, λ...).
         audio_codes: the audio tokenizer's vocabulary size.
+        feature_dim: the width of the audio tokenizer's continuous frames.
         adapter_dir: load a trained LoRA adapter instead of a fresh one.
     """
     from peft import PeftModel, get_peft_model
@@ -102,7 +103,7 @@ def build_critic(
     new_ids = add_special_tokens(tokenizer, trunk)
     for p in trunk.parameters():
         p.requires_grad_(False)
-    vocab = Vocab.from_tokenizer(tokenizer, audio_codes)
+    vocab = Vocab.from_tokenizer(tokenizer, audio_codes, feature_dim)
     # The audio branch copies plain (pre-LoRA) layers.
     critic = JointCritic(trunk, backbone, vocab, int(model_cfg["audio_head_layers"]), float(model_cfg["loss_lambda"]))
     # The new modules take the trunk's dtype (a bf16 backbone gets bf16 heads).
@@ -161,6 +162,7 @@ def save_export(
                                              "train_text_head", "max_prompt_tokens", "max_text_tokens", "max_audio_tokens")},
         "lora_target_modules": model_cfg.get("lora_target_modules"),
         "audio_codes": critic.vocab.audio_codes,
+        "feature_dim": critic.vocab.feature_dim,
     }
     (out / "critic.json").write_text(json.dumps(meta, indent=2))
     return out
@@ -183,7 +185,7 @@ def load_export(export_dir: str | Path) -> tuple[JointCritic, Any, Any, dict[str
     if spec["options"].get("path") == "base":
         spec["options"]["path"] = str(root / "base")
     model_cfg = {**meta["model"], "lora_target_modules": meta.get("lora_target_modules")}
-    critic, _ = build_critic(spec, model_cfg, meta["audio_codes"], adapter_dir=root / "adapter")
+    critic, _ = build_critic(spec, model_cfg, meta["audio_codes"], meta["feature_dim"], adapter_dir=root / "adapter")
     heads = load_file(str(root / "heads.safetensors"))
     for name, module in critic.head_modules().items():
         prefix = f"{name}."

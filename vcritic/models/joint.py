@@ -24,19 +24,25 @@ from vcritic.models.sequence import IGNORE, Vocab
 
 
 class MusicEncoder(nn.Module):
-    """Residual 1-D convolutions over the music span (zero outside it)."""
+    """The audio input encoder: adds the projected continuous frames to the music span's
+    embeddings, then residual 1-D convolutions over the span (positions outside are untouched)."""
 
-    def __init__(self, hidden: int, kernel: int = 5, layers: int = 2) -> None:
+    def __init__(self, hidden: int, feature_dim: int, kernel: int = 5, layers: int = 2) -> None:
         super().__init__()
+        # Per-frame normalisation: spectral shape (pitch, timbre) matters, absolute level does not.
+        self.frame_norm = nn.LayerNorm(feature_dim)
+        self.frame_proj = nn.Linear(feature_dim, hidden)
+        nn.init.normal_(self.frame_proj.weight, std=0.02)
+        nn.init.zeros_(self.frame_proj.bias)
         self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2) for _ in range(layers))
         for conv in self.convs:
             # Start as the identity so a pretrained trunk sees plain embeddings at first.
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(-1).to(x.dtype)
-        h = x * m
+        h = (x + self.frame_proj(self.frame_norm(frames.to(x.dtype)))) * m
         for conv in self.convs:
             h = h + F.gelu(conv(h.transpose(1, 2)).transpose(1, 2)) * m
         return x * (1 - m) + h
@@ -88,7 +94,7 @@ class JointCritic(nn.Module):
         nn.init.normal_(self.audio_embed.weight, std=0.02)
         with torch.no_grad():
             self.audio_embed.weight[vocab.audio_pad].zero_()
-        self.music_encoder = MusicEncoder(hidden)
+        self.music_encoder = MusicEncoder(hidden, vocab.feature_dim)
         # Copies, not views: the branch trains fully while the trunk only gets LoRA.
         self.audio_branch = nn.ModuleList(copy.deepcopy(layer) for layer in layers[self.branch_start :])
         self.audio_norm = copy.deepcopy(backbone.final_norm(trunk))
@@ -108,16 +114,17 @@ class JointCritic(nn.Module):
             "audio_head": self.audio_head,
         }
 
-    def embed(self, text_ids: torch.Tensor, audio_ids: torch.Tensor, music_mask: torch.Tensor) -> torch.Tensor:
+    def embed(self, text_ids: torch.Tensor, audio_ids: torch.Tensor, music_mask: torch.Tensor,
+              music_features: torch.Tensor) -> torch.Tensor:
         x = self.trunk.get_input_embeddings()(text_ids) + self.audio_embed(audio_ids)
-        return self.music_encoder(x, music_mask)
+        return self.music_encoder(x, music_mask, music_features)
 
     def hidden_and_logits(
-        self, text_ids, audio_ids, music_mask, attention_mask, with_audio: bool = True
+        self, text_ids, audio_ids, music_mask, attention_mask, music_features, with_audio: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text logits [B, T, V] and, if ``with_audio``, audio logits [B, T, A]."""
         out = self.trunk(
-            inputs_embeds=self.embed(text_ids, audio_ids, music_mask),
+            inputs_embeds=self.embed(text_ids, audio_ids, music_mask, music_features),
             attention_mask=attention_mask,
             output_hidden_states=with_audio,
             use_cache=False,
@@ -135,9 +142,12 @@ class JointCritic(nn.Module):
         attention_mask: torch.Tensor,
         text_labels: torch.Tensor,
         audio_labels: torch.Tensor,
+        music_features: torch.Tensor,
     ) -> JointOutput:
         with_audio = self.loss_lambda < 1.0
-        text_logits, audio_logits = self.hidden_and_logits(text_ids, audio_ids, music_mask, attention_mask, with_audio)
+        text_logits, audio_logits = self.hidden_and_logits(
+            text_ids, audio_ids, music_mask, attention_mask, music_features, with_audio
+        )
         text_loss, n_text = masked_ce(text_logits, text_labels)
         if with_audio:
             audio_loss, n_audio = masked_ce(audio_logits, audio_labels)

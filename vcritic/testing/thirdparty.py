@@ -17,7 +17,7 @@ USED = []
 
 class TinyLlamaBackbone(CausalLMBackbone):
     def __init__(self, **options):
-        options.setdefault("model_type", "llama")
+        options["model_type"] = "llama"  # this plugin's whole point: always a Llama
         super().__init__(**options)
 
     def build(self, corpus=None, special_tokens=()):

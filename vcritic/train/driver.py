@@ -74,7 +74,8 @@ def _untrained_critic(cfg, prepared: PreparedData):
     from vcritic.models.build import build_critic, load_audio_tokenizer
 
     torch.manual_seed(int(cfg.run.seed))
-    model, tokenizer = build_critic(prepared.backbone_spec, to_dict(cfg.model), prepared.audio_codes)
+    model, tokenizer = build_critic(prepared.backbone_spec, to_dict(cfg.model), prepared.audio_codes,
+                                   prepared.audio_feature_dim)
     audio_tok = load_audio_tokenizer(prepared.audio_tokenizer_spec, prepared.audio_tokenizer_dir)
     return Critic(model, tokenizer, audio_tok, {"model": to_dict(cfg.model)})
 
@@ -93,6 +94,7 @@ def _trainer(cfg, prepared: PreparedData, mlflow_target: dict[str, str]):
         "cfg": to_dict(cfg),
         "backbone_spec": prepared.backbone_spec,
         "audio_codes": prepared.audio_codes,
+        "audio_feature_dim": prepared.audio_feature_dim,
         "audio_frame_rate": prepared.audio_frame_rate,
         "audio_tokenizer_dir": prepared.audio_tokenizer_dir,
         "mlflow": mlflow_target,

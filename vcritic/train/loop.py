@@ -17,8 +17,6 @@ import torch.distributed as dist
 
 from vcritic.models.sequence import batch_from_rows
 
-LOG_EVERY = 5  # optimizer steps between MLflow metric writes
-
 
 def _limits(model_cfg: dict[str, Any], data_cfg: dict[str, Any], frame_rate: float) -> dict[str, int]:
     return {
@@ -117,7 +115,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     device = _device(bool(train_cfg["use_gpu"]))
 
-    critic, tokenizer = build_critic(payload["backbone_spec"], model_cfg, int(payload["audio_codes"]))
+    critic, tokenizer = build_critic(payload["backbone_spec"], model_cfg, int(payload["audio_codes"]),
+                                     int(payload["audio_feature_dim"]))
     critic.to(device)
     params = [p for p in critic.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
@@ -145,7 +144,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     limits = _limits(model_cfg, cfg["data"], float(payload["audio_frame_rate"]))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    batch_size, grad_accum = int(train_cfg["batch_size"]), int(train_cfg["grad_accum"])
+    batch_size = int(train_cfg["batch_size"])
     lam = float(model_cfg["loss_lambda"])
     max_steps = train_cfg.get("max_steps_per_epoch")
 
@@ -166,7 +165,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 continue
             step += 1
             epoch_steps += 1
-            if step % LOG_EVERY == 0:
+            if step % int(train_cfg["log_every_steps"]) == 0:
                 loss, text, audio, n, tokens, examples = _all_reduce_sum(window)
                 seconds = time.perf_counter() - window_start
                 logger.log_metrics({

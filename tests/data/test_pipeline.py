@@ -1,0 +1,90 @@
+"""The Ray Data preparation stage on a small demo set."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vcritic.config import load
+from vcritic.data import stages
+from vcritic.data.pipeline import prepare
+from vcritic.data.schema import TOKEN_COLUMNS
+from vcritic.testing.dummies import sine, write_wav
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    cfg = load("demo", [f"run.output_dir={root}", "data.demo.songs=8", "data.demo.clips_per_song=2",
+                        "data.demo.near_duplicates=2", "data.tokenizer_fit_clips=16"])
+    return cfg, prepare(cfg)
+
+
+def test_shards_hold_token_columns_and_no_song_is_in_both_splits(prepared):
+    _, p = prepared
+    train, val = pd.read_parquet(p.train_dir), pd.read_parquet(p.val_dir)
+    assert len(train) == p.counts["train"] > 0 and len(val) == p.counts["val"] > 0
+    for col in TOKEN_COLUMNS:
+        assert col in train.columns
+    row = train.iloc[0]
+    assert len(row["music_features"]) == len(row["music_tokens"]) * p.audio_feature_dim
+    assert max(max(r) for r in train["music_tokens"]) < p.audio_codes
+    assert not set(train["song_id"]) & set(val["song_id"])
+    assert "error" not in train.columns and "embedding" not in train.columns
+
+
+def test_bad_rows_and_duplicates_are_reported(prepared):
+    _, p = prepared
+    bad = [json.loads(line) for line in Path(p.quarantine_path).read_text().splitlines()]
+    assert {b["example_id"] for b in bad} == {"demo-bad-corrupt", "demo-bad-missing-field"}
+    assert all(b["stage"] == "validate" and b["error"] for b in bad)
+    dups = [json.loads(line) for line in Path(p.duplicates_path).read_text().splitlines()]
+    manifest = [json.loads(line) for line in Path(p.manifest).read_text().splitlines()]
+    planted = {r["example_id"] for r in manifest if r["example_id"].endswith("-dup")}
+    assert len(planted) == 2 and planted <= {d["example_id"] for d in dups}
+    counts = p.counts
+    assert counts["input"] == counts["quarantined"] + counts["near_duplicates"] + counts["train"] + counts["val"]
+
+
+def test_rerun_reuses_finished_output(prepared):
+    cfg, p = prepared
+    stamp = (Path(p.root) / "prepared.json").stat().st_mtime_ns
+    again = prepare(cfg)
+    assert again == p
+    assert (Path(p.root) / "prepared.json").stat().st_mtime_ns == stamp
+    assert not Path(p.root + ".partial").exists()
+
+
+def test_from_scratch_backbone_is_saved_once(prepared):
+    _, p = prepared
+    base = Path(p.backbone_spec["options"]["path"])
+    assert (base / "config.json").exists() and (base / "tokenizer.json").exists()
+
+
+def _row(tmp_path, **kw):
+    wav = tmp_path / "a.wav"
+    write_wav(wav, sine(440, 2.0, 16000), 16000)
+    row = {"example_id": "x", "song_id": "s", "source": "mllm", "audio_path": str(wav), "persona": "p",
+           "target_text": "t", "offset_s": 0.0, "duration_s": None}
+    row.update(kw)
+    return row
+
+
+def test_validate_reasons(tmp_path):
+    silent = tmp_path / "silent.wav"
+    write_wav(silent, np.zeros(16000 * 2, np.float32), 16000)
+    batch = pd.DataFrame([
+        _row(tmp_path),
+        _row(tmp_path, example_id="short", duration_s=0.5),
+        _row(tmp_path, example_id="quiet", audio_path=str(silent)),
+        _row(tmp_path, example_id="src", source="radio"),
+        _row(tmp_path, example_id="late", offset_s=9.0),
+    ])
+    out = stages.validate(batch, 16000, min_s=1.0, max_s=30.0, max_target_s=10.0).set_index("example_id")["error"]
+    assert out["x"] == ""
+    assert "outside [1.0, 30.0]s" in out["short"]
+    assert "silent" in out["quiet"]
+    assert "source 'radio'" in out["src"]
+    assert "past the end" in out["late"]
