@@ -56,7 +56,10 @@ def connect_ray(cfg) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+        # "local" always starts a new instance; a bare ray.init() would attach to any Ray
+        # already running on this machine.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": WORKER_ENV})
 
 
 def _scq(cfg, critic, val_dir: str) -> dict[str, float]:
