@@ -17,10 +17,10 @@ def two_nodes():
 
     if ray.is_initialized():
         ray.shutdown()
-    # Two nodes of 2 logical CPUs. A train worker asks for 1.5, so the two workers cannot share
-    # a node, and 0.5 CPU per node stays free for Ray Data.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
+    # Two nodes of 3 logical CPUs. A train worker asks for 2, so the two workers cannot share a
+    # node, and 1 CPU per node stays free for Ray Data's tasks (which ask for a whole CPU).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
     yield cluster
@@ -39,7 +39,7 @@ def test_zero3_training_spans_two_nodes(two_nodes, tmp_path):
     cfg = load("demo", [
         f"run.output_dir={tmp_path}", "run.name=two-nodes", "data.demo.songs=6", "data.demo.clips_per_song=2",
         "data.demo.near_duplicates=1", "data.tokenizer_fit_clips=12", "train.epochs=1", "train.zero_stage=3",
-        "train.cpus_per_worker=1.5", "train.log_every_steps=1",
+        "train.cpus_per_worker=2", "train.log_every_steps=1",
     ])
     prepared = prepare(cfg)
     result = _trainer(cfg, prepared, {"tracking_uri": "", "run_id": ""}).fit()
