@@ -103,3 +103,13 @@ def test_cli_lists_plugins(capsys):
     out = capsys.readouterr().out
     assert "backbones" in out and "causal_lm" in out and "first-party" in out
     assert sys.modules.get("vcritic.cli") is not None
+
+
+def test_a_missing_dependency_fails_at_import_with_the_extra(tmp_path, on_path):
+    pkg = tmp_path / "plugins_probe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "needs.py").write_text("from vcritic.registry import require\nrequire('no_such_module_xyz')\nclass P: ...\n")
+    on_path(tmp_path)
+    with pytest.raises(registry.PluginError, match="missing module\\(s\\) no_such_module_xyz"):
+        registry.import_target("plugins_probe.needs:P")

@@ -78,6 +78,22 @@ class PluginInfo:
     origin: str  # "first-party", "entry-point:<dist>", or "module:attr"
 
 
+def require(*modules: str) -> None:
+    """Fail at import time if ``modules`` are not installed, without importing them.
+
+    A plugin module whose heavy dependencies are imported lazily calls this at its top, so a
+    missing extra shows in ``vcritic plugins list`` (with the install hint) instead of at first use.
+
+    Raises:
+        ImportError: naming the missing modules.
+    """
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"missing module(s) {', '.join(missing)}")
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise PluginError(f"unknown plugin kind {kind!r}; kinds are: {', '.join(KINDS)}")

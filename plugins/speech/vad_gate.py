@@ -7,6 +7,10 @@ from typing import Any
 import numpy as np
 import soxr
 
+from vcritic.registry import require
+
+require("silero_vad")
+
 VAD_RATE = 16000
 
 

