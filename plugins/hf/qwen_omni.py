@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plugins.hf.causal_lm import decoder_of, run_decoder_layers, train_bpe_tokenizer
+from plugins.hf.causal_lm import TINY_DEFAULTS, decoder_of, run_decoder_layers, train_bpe_tokenizer
 
 # peft reads a string as a full-match regex. A list of suffixes cannot work here: the audio
 # tower also has ``self_attn.q_proj``... and the vision tower ``mlp.gate_proj``..., so the
@@ -42,14 +42,8 @@ PLACEHOLDERS = {
     "vision_end_token_id": "<|vision_eos|>",
 }
 
-TINY_TEXT: dict[str, Any] = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-}
+# The same small decoder as the generic backbone's (the thinker config sets its own embedding tying).
+TINY_TEXT: dict[str, Any] = {k: v for k, v in TINY_DEFAULTS.items() if k != "tie_word_embeddings"}
 TINY_AUDIO: dict[str, Any] = {
     "num_mel_bins": 16,
     "encoder_layers": 1,
