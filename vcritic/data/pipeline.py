@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 import ray
+from ray.data.expressions import col
 
 from vcritic.config import to_dict
 from vcritic.data import audio, demo, stages
@@ -129,7 +130,7 @@ def prepare(cfg) -> PreparedData:
         fn_kwargs={"sample_rate": sr, "min_s": cfg.data.min_clip_seconds, "max_s": cfg.data.max_clip_seconds,
                    "max_target_s": cfg.data.max_target_audio_seconds},
     ).materialize()
-    good = checked.filter(lambda r: r["error"] == "")
+    good = checked.filter(expr=col("error") == "")
     if cfg.data.separator.name != "identity":  # identity would only copy files
         good = good.map_batches(stages.separate, batch_format="pandas", batch_size=8, fn_kwargs={
             "spec": to_dict(cfg.data.separator), "sources": list(cfg.data.separate_sources),
@@ -139,7 +140,7 @@ def prepare(cfg) -> PreparedData:
     kept, dropped = drop_duplicates(embedded, threshold=float(cfg.data.dedup_threshold))
     kept = add_split_column(kept.drop_columns(["embedding"]), float(cfg.data.val_fraction), int(cfg.run.seed)).materialize()
 
-    train_rows = kept.filter(lambda r: r["split"] == "train")
+    train_rows = kept.filter(expr=col("split") == "train")
     audio_tok = _fit_audio_tokenizer(cfg, train_rows, work / "audio_tokenizer")
     backbone_spec = materialize_backbone(to_dict(cfg.model.backbone), _corpus(train_rows), work / "base")
     # The backbone was saved under .partial; point at where it will live after the rename.
@@ -152,20 +153,20 @@ def prepare(cfg) -> PreparedData:
     tokenized = kept.map_batches(stages.tokenize, batch_format="pandas", batch_size=16, fn_kwargs={
         "tokenizer_dir": tokenizer_dir, "audio_spec": to_dict(cfg.model.audio_tokenizer),
         "audio_dir": str(work / "audio_tokenizer")}).materialize()
-    ok = tokenized.filter(lambda r: r["error"] == "").drop_columns(["error", "stage", "raw"])
+    ok = tokenized.filter(expr=col("error") == "").drop_columns(["error", "stage", "raw"])
     for split in ("train", "val"):
-        ok.filter(lambda r, s=split: r["split"] == s).write_parquet(str(work / split))
+        ok.filter(expr=col("split") == split).write_parquet(str(work / split))
 
-    bad = pd.concat([checked.filter(lambda r: r["error"] != "").to_pandas(),
-                     tokenized.filter(lambda r: r["error"] != "").to_pandas()], ignore_index=True)
+    bad = pd.concat([checked.filter(expr=col("error") != "").to_pandas(),
+                     tokenized.filter(expr=col("error") != "").to_pandas()], ignore_index=True)
     columns = ["example_id", "stage", "error", "raw"]
     _write_jsonl(bad[columns] if len(bad) else pd.DataFrame(columns=columns), work / "quarantine.jsonl")
     dup = dropped.to_pandas()
     _write_jsonl(dup[["example_id", "song_id", "reason"]] if len(dup) else pd.DataFrame(columns=["example_id"]),
                  work / "duplicates.jsonl")
     counts = {"input": checked.count(), "quarantined": len(bad), "near_duplicates": len(dup),
-              "train": ok.filter(lambda r: r["split"] == "train").count(),
-              "val": ok.filter(lambda r: r["split"] == "val").count()}
+              "train": ok.filter(expr=col("split") == "train").count(),
+              "val": ok.filter(expr=col("split") == "val").count()}
     prepared = PreparedData(
         root=str(root), train_dir=str(root / "train"), val_dir=str(root / "val"),
         quarantine_path=str(root / "quarantine.jsonl"), duplicates_path=str(root / "duplicates.jsonl"),
