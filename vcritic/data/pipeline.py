@@ -115,11 +115,6 @@ def _write_jsonl(df: pd.DataFrame, path: Path) -> None:
 
 def prepare(cfg) -> PreparedData:
     """Run the whole data stage (or reuse its finished output). Needs a running Ray."""
-    # librosa compiles numba kernels when imported and caches them beside its own source. Importing
-    # it here, in one process, before any worker does means workers only read that cache: parallel
-    # workers writing it at once left a corrupt entry that segfaulted later processes.
-    import librosa  # noqa: F401
-
     manifest = manifest_path(cfg)
     root = Path(cfg.run.output_dir).resolve() / "prepared" / fingerprint(cfg, manifest)
     if (root / "prepared.json").exists():
