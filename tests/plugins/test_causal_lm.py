@@ -9,6 +9,7 @@ import torch
 
 from plugins.hf.causal_lm import DEFAULT_LORA_TARGETS, CausalLMBackbone, train_bpe_tokenizer
 from vcritic.protocols import Backbone
+from vcritic.testing.backbones import assert_branch_reproduces_trunk
 
 CORPUS = [
     "the chorus lands on a bright sustained high note",
@@ -90,12 +91,7 @@ def test_forward_shapes_and_hidden_states(built):
 @pytest.mark.parametrize("k", [1, 2, LAYERS])
 def test_copied_top_layers_reproduce_the_trunk(built, k):
     p, model, _ = built
-    embeds, mask = batch(model)
-    with torch.no_grad():
-        hidden = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
-        copies = copy.deepcopy(p.decoder_layers(model)[LAYERS - k :])
-        mine = p.final_norm(model)(p.run_layers(model, copies, hidden[LAYERS - k], mask))
-    torch.testing.assert_close(mine, hidden[LAYERS], atol=1e-5, rtol=0)
+    assert_branch_reproduces_trunk(p, model, *batch(model), k)
 
 
 def test_lora_adapts_only_the_named_projections(built):

@@ -10,6 +10,7 @@ import torch
 
 from plugins.hf.qwen_omni import LORA_TARGET_REGEX, QwenOmniThinkerBackbone, mrope_sections
 from vcritic.protocols import Backbone
+from vcritic.testing.backbones import assert_branch_reproduces_trunk
 
 CORPUS = [
     "the chorus lands on a bright sustained high note",
@@ -84,13 +85,7 @@ def test_forward_shapes_and_hidden_states(built):
 @pytest.mark.parametrize("k", [1, 2, LAYERS])
 def test_copied_top_layers_reproduce_the_trunk(built, k):
     model, _ = built
-    p = plugin()
-    embeds, mask = batch(model)
-    with torch.no_grad():
-        hidden = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
-        copies = copy.deepcopy(p.decoder_layers(model)[LAYERS - k :])
-        mine = p.final_norm(model)(p.run_layers(model, copies, hidden[LAYERS - k], mask))
-    torch.testing.assert_close(mine, hidden[LAYERS], atol=1e-5, rtol=0)
+    assert_branch_reproduces_trunk(plugin(), model, *batch(model), k)
 
 
 def test_positions_do_not_depend_on_earlier_calls(built):

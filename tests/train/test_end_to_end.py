@@ -17,6 +17,12 @@ from vcritic.testing.thirdparty import write_plugin_package
 REGISTERED = "vcritic-e2e"
 
 
+def overrides(root: Path, uri: str) -> list[str]:
+    """The small job both the main run and the resumed run use."""
+    return ["model.backbone.name=acme_llama", f"run.output_dir={root / 'runs'}", f"mlflow.tracking_uri={uri}",
+            "data.demo.songs=12", "data.demo.clips_per_song=2", "data.demo.near_duplicates=2", "train.epochs=2"]
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     import mlflow
@@ -35,11 +41,9 @@ def job(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {**driver.WORKER_ENV, "PYTHONPATH": pythonpath}})
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = load("demo", [
-        "model.backbone.name=acme_llama", f"run.output_dir={root / 'runs'}", f"mlflow.tracking_uri={uri}",
-        f"mlflow.registered_model={REGISTERED}", "data.demo.songs=12", "data.demo.clips_per_song=2",
-        "data.demo.near_duplicates=2", "train.epochs=2", "train.checkpoints_to_keep=3", "train.log_every_steps=1", "eval.scq_max_clips=6",
-        "run.name=e2e",
+    cfg = load("demo", overrides(root, uri) + [
+        f"mlflow.registered_model={REGISTERED}", "train.checkpoints_to_keep=3", "train.log_every_steps=1",
+        "eval.scq_max_clips=6", "run.name=e2e",
     ])
     summary = driver.run(cfg)
     mlflow.set_tracking_uri(uri)
@@ -138,10 +142,7 @@ def test_resume_continues_from_a_checkpoint(job):
     s, cfg = job["summary"], job["cfg"]
     checkpoints = sorted((Path(s.best_checkpoint).parent).glob("checkpoint_*"))
     first = checkpoints[0]
-    resumed = load("demo", [f"{o}" for o in [
-        "model.backbone.name=acme_llama", f"run.output_dir={job['root'] / 'runs'}", "run.name=e2e-resume",
-        "data.demo.songs=12", "data.demo.clips_per_song=2", "data.demo.near_duplicates=2",
-        "train.epochs=2", f"train.resume_from={first}", f"mlflow.tracking_uri={job['uri']}"]])
+    resumed = load("demo", overrides(job["root"], job["uri"]) + ["run.name=e2e-resume", f"train.resume_from={first}"])
     result = _trainer(resumed, s.prepared, {"tracking_uri": job["uri"], "run_id": ""}).fit()
     epochs = list(result.metrics_dataframe["epoch"])
     assert epochs == [1], epochs
