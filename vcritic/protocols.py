@@ -45,8 +45,11 @@ class Backbone(Protocol):
         """The norm applied after the last decoder layer."""
         ...
 
-    def run_layers(self, model: Any, layers: Any, hidden: Any, attention_mask: Any) -> Any:
-        """Run ``layers`` (copies of the model's own) causally over ``hidden`` [B, T, H]."""
+    def run_layers(self, model: Any, layers: Any, hidden: Any, attention_mask: Any, position_ids: Any = None) -> Any:
+        """Run ``layers`` (copies of the model's own) causally over ``hidden`` [B, T, H].
+
+        ``position_ids`` are what :meth:`NativeHearing.position_ids` gave the trunk (None: 0..T-1).
+        """
         ...
 
     def lora_target_modules(self) -> list[str] | str:
@@ -58,18 +61,105 @@ class Backbone(Protocol):
         """The plugin's options (``path`` among them) that rebuild this backbone."""
         ...
 
+    def native_hearing(self) -> NativeHearing | None:
+        """How the critic hears music through this backbone.
+
+        None: the backbone has no audio input, and vcritic's own music encoder (the audio
+        tokenizer's ids and continuous frames) feeds it. Otherwise a :class:`NativeHearing`:
+        the music goes through the backbone's own (pretrained) audio encoder, laid out in the
+        prompt exactly as the model's own processor lays it out.
+        """
+        ...
+
+    def init_audio_side(self, critic: Any) -> None:
+        """Load pretrained audio-output weights into a freshly built critic.
+
+        A checkpoint that already has a speech output (Kimi-Audio's audio layers and head)
+        fills ``critic.audio_embed``, ``audio_branch``, ``audio_norm``, ``audio_head`` and
+        ``hearing_encoder`` here; most backbones do nothing. Not called when an export loads.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """The token layout around the music in a critic's prompt.
+
+    A critique example is ``before_music + [slot_id] * n + after_music + critique + [end_id]``,
+    where ``n`` is the number of positions the music takes.
+    """
+
+    before_music: list[int]
+    """Ids up to and including the token that opens the music."""
+    after_music: list[int]
+    """Ids from the token that closes the music up to where the critique starts."""
+    slot_id: int
+    """The id every music position carries in the text stream."""
+    end_id: int
+    """The id that ends a critique (the end-of-turn token of a chat model)."""
+
+
+@runtime_checkable
+class NativeHearing(Protocol):
+    """A backbone's own audio input: feature extractor, prompt layout and audio encoder.
+
+    vcritic calls ``features`` in the data stage (per clip, on CPU workers), lays the prompt
+    out with ``prompt`` and ``num_audio_tokens``, and in the model runs ``encoder`` on the
+    padded features, ``merge`` to place its output among the token embeddings and
+    ``position_ids`` for the trunk, so the trunk sees what its own processor and forward
+    would give it.
+    """
+
+    sample_rate: int
+    feature_dim: int
+    max_seconds: float
+    """Longest clip the encoder takes; vcritic cuts longer clips and counts them."""
+    uses_audio_tokens: bool
+    """True: the music positions also carry the audio tokenizer's ids in the audio stream."""
+
+    def features(self, samples: np.ndarray) -> np.ndarray:
+        """Mono float32 at ``sample_rate`` (at most ``max_seconds``) → float32 [frames, feature_dim]."""
+        ...
+
+    def num_audio_tokens(self, frames: int) -> int:
+        """How many prompt positions ``frames`` feature rows become."""
+        ...
+
+    def prompt(self, tokenizer: Any, persona: str, context: str) -> PromptParts:
+        """The model's own (chat) layout for the persona, the song context and the music."""
+        ...
+
+    def encoder(self, model: Any) -> Any:
+        """An ``nn.Module``: ``encoder(features [B, F, D], lengths [B])`` → [Σ tokens, H] in batch order."""
+        ...
+
+    def merge(self, text_embeds: Any, audio_embeds: Any, music_mask: Any, encoded: Any) -> Any:
+        """The trunk's ``inputs_embeds`` from both streams' embeddings and the encoded music."""
+        ...
+
+    def position_ids(self, model: Any, text_ids: Any, attention_mask: Any, lengths: Any) -> Any:
+        """Position ids for the trunk (e.g. multimodal rotary positions), or None for 0..T-1."""
+        ...
+
+    def set_trainable(self, model: Any, encoder: Any, train_encoder: bool, train_projection: bool) -> None:
+        """Freeze the audio encoder unless ``train_encoder``; train its output projection if asked."""
+        ...
+
 
 @runtime_checkable
 class AudioTokenizer(Protocol):
     """Turns audio into discrete ids and back, and exposes the continuous frames behind the ids.
 
-    ``features`` gives one continuous vector per id frame (what the ids quantise); the critic's
-    audio input encoder reads both, so fine detail lost by quantisation still reaches the model.
+    A frame holds ``num_codebooks`` ids (Q), each in ``[0, codebook_size)``; a speech codec
+    such as Mimi has several codebooks, the first of them semantic. ``features`` gives one
+    continuous vector per frame (what the ids quantise); vcritic's music encoder reads both,
+    so fine detail lost by quantisation still reaches the model.
     """
 
     sample_rate: int
-    frame_rate: float  # ids per second
-    vocab_size: int
+    frame_rate: float  # frames per second
+    num_codebooks: int
+    codebook_size: int
     feature_dim: int
 
     def features(self, samples: np.ndarray) -> np.ndarray:
@@ -81,11 +171,11 @@ class AudioTokenizer(Protocol):
         ...
 
     def encode(self, samples: np.ndarray) -> np.ndarray:
-        """Mono float32 audio at ``sample_rate`` → int64 ids [frames]."""
+        """Mono float32 audio at ``sample_rate`` → int64 ids [frames, num_codebooks] ([frames] when Q = 1)."""
         ...
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        """int64 ids → mono float32 audio at ``sample_rate``."""
+        """int64 ids [frames, num_codebooks] ([frames] when Q = 1) → mono float32 audio at ``sample_rate``."""
         ...
 
     def save(self, directory: str) -> None: ...
@@ -172,3 +262,15 @@ PROTOCOLS: dict[str, type] = {
     "annotators": Annotator,
     "judges": Judge,
 }
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """Names ``protocol`` requires that ``obj`` lacks (methods and attributes), in protocol order."""
+    names: list[str] = []
+    for base in reversed(protocol.__mro__):
+        if base in (object, Protocol) or not getattr(base, "_is_protocol", False):
+            continue
+        for name in [*getattr(base, "__annotations__", {}), *vars(base)]:
+            if not name.startswith("_") and name not in names:
+                names.append(name)
+    return [n for n in names if not hasattr(obj, n)]

@@ -35,9 +35,11 @@ FIRST_PARTY: dict[str, dict[str, str]] = {
     "backbones": {
         "causal_lm": "plugins.hf.causal_lm:CausalLMBackbone",
         "qwen2_5_omni_thinker": "plugins.hf.qwen_omni:QwenOmniThinkerBackbone",
+        "kimi_audio": "plugins.hf.kimi_audio:KimiAudioBackbone",
     },
     "audio_tokenizers": {
         "mel_kmeans": "plugins.dsp.mel_kmeans:MelKMeansTokenizer",
+        "kimi_semantic": "plugins.kimi.semantic_tokenizer:KimiSemanticTokenizer",
     },
     "separators": {
         "identity": "plugins.dsp.separators:IdentitySeparator",
@@ -62,6 +64,7 @@ FIRST_PARTY: dict[str, dict[str, str]] = {
 INSTALL_HINTS: dict[str, str] = {
     "plugins.speech": "pip install -e '.[speech]'",
     "plugins.hf": "pip install -e .  (transformers and peft are core dependencies)",
+    "plugins.kimi": "pip install the Kimi-Audio package (see plugins/kimi/semantic_tokenizer.py)",
     "plugins.http": "pip install -e .  (requests is a core dependency)",
 }
 
@@ -171,16 +174,28 @@ def load(kind: str, name: str) -> Any:
 
 
 def create(kind: str, name: str, **options: Any) -> Any:
-    """Load the plugin ``name`` of ``kind`` and call it with ``options``.
+    """Load the plugin ``name`` of ``kind``, call it with ``options`` and check the result
+    against the kind's Protocol (``vcritic.protocols.PROTOCOLS``).
 
     Raises:
-        PluginError: unknown name, import failure, or the options do not fit the plugin.
+        PluginError: unknown name, import failure, the options do not fit the plugin, or the
+            plugin lacks members its kind's Protocol requires (they are named).
     """
+    from vcritic.protocols import PROTOCOLS, missing_members
+
     factory = load(kind, name)
     try:
-        return factory(**options)
+        plugin = factory(**options)
     except TypeError as exc:
         raise PluginError(f"{kind} plugin {name!r} rejected its options {sorted(options)}: {exc}") from exc
+    protocol = PROTOCOLS[kind]
+    missing = missing_members(plugin, protocol)
+    if missing:
+        raise PluginError(
+            f"{kind} plugin {name!r} ({type(plugin).__module__}.{type(plugin).__qualname__}) does not satisfy "
+            f"vcritic.protocols.{protocol.__name__}: it lacks {', '.join(missing)}"
+        )
+    return plugin
 
 
 def describe_all() -> list[tuple[PluginInfo, str]]:

@@ -65,7 +65,8 @@ class MelKMeansTokenizer:
         self.frame_rate = float(frame_rate)
         self.n_mels = int(n_mels)
         self.codebook_size = int(codebook_size)
-        self.vocab_size = self.codebook_size
+        self.num_codebooks = 1
+        self.vocab_size = self.codebook_size  # alias (ids of the one codebook)
         self.feature_dim = self.n_mels
         self.n_fft = int(n_fft)
         self.seed = int(seed)
@@ -174,7 +175,7 @@ class MelKMeansTokenizer:
         return next(hop for hop in divisors if hop <= max(1, self.n_fft // 4))
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        """int64 ids → mono float32 audio of ``len(ids) * hop_length`` samples at ``sample_rate``.
+        """int64 ids [frames] (or [frames, 1]) → mono float32 audio of ``len(ids) * hop_length`` samples at ``sample_rate``.
 
         Raises:
             RuntimeError: the tokenizer has not been fitted or loaded.
@@ -183,7 +184,10 @@ class MelKMeansTokenizer:
         import librosa
 
         codebook = self._require_codebook("decode")
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 2 and ids.shape[1] != 1:
+            raise ValueError(f"mel_kmeans has one codebook; got ids of shape {ids.shape}")
+        ids = ids.reshape(-1)
         if ids.size == 0:
             return np.zeros(0, dtype=np.float32)
         if ids.min() < 0 or ids.max() >= self.vocab_size:

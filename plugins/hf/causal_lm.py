@@ -61,14 +61,17 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return inner.get_decoder()
 
 
-def run_decoder_layers(model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def run_decoder_layers(model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Run decoder ``layers`` (the model's own or copies of them) causally over ``hidden`` [B, T, H],
-    with the model's own causal mask and rotary position embeddings."""
+    with the model's own causal mask and rotary position embeddings (at ``position_ids``, default 0..T-1)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     decoder = decoder_of(model)
     config = decoder.config
-    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    positions = position_ids
+    if positions is None:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     mask_kwargs = {
         "config": config,
         "inputs_embeds": hidden,
@@ -151,11 +154,19 @@ class CausalLMBackbone:
     def final_norm(self, model: nn.Module) -> nn.Module:
         return decoder_of(model).norm
 
-    def run_layers(self, model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return run_decoder_layers(model, layers, hidden, attention_mask)
+    def run_layers(self, model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return run_decoder_layers(model, layers, hidden, attention_mask, position_ids)
 
     def lora_target_modules(self) -> list[str]:
         return list(self.lora_targets or DEFAULT_LORA_TARGETS)
+
+    def native_hearing(self) -> None:
+        """A plain causal LM has no audio input: it hears through vcritic's music encoder."""
+        return None
+
+    def init_audio_side(self, critic) -> None:
+        """No pretrained audio output to load."""
 
     def spec(self) -> dict[str, Any]:
         return {
