@@ -33,6 +33,9 @@ def train_main(args: list[str]) -> int:
     print("\n=== vcritic run finished ===")
     print(f"data           : {counts['input']} rows in, {counts['train']} train / {counts['val']} val, "
           f"{counts['quarantined']} quarantined, {counts['near_duplicates']} near-duplicates dropped")
+    if counts.get("clips_cut"):
+        print(f"clips cut      : {counts['clips_cut']} clips longer than the backbone's audio limit were cut "
+              f"({summary.prepared.music_seconds_cut:.1f} s of music dropped)")
     print(f"quarantine     : {summary.prepared.quarantine_path}")
     print(f"best checkpoint: {summary.best_checkpoint} (val_loss {summary.best_val_loss:.4f})")
     if "scq_accuracy_after" in m:

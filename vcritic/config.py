@@ -102,6 +102,18 @@ class ModelConfig:
     max_prompt_tokens: int = 128
     max_text_tokens: int = 512
     max_audio_tokens: int = 768
+    """Longest spoken critique trained on, in audio-tokenizer frames."""
+    codebook_weights: list[float] | None = None
+    """Weight of each codebook's CE in the audio loss (one per codebook of the audio tokenizer;
+    None: equal). Speech trainers weight the first, semantic codebook far higher, e.g.
+    [100, 1, 1, 1, 1, 1, 1, 1] for 8 Mimi codebooks. Normalised, so L_audio stays one CE."""
+    train_audio_encoder: bool = False
+    """Fine-tune a backbone's own pretrained audio encoder (Qwen2.5-Omni's audio tower); frozen by default."""
+    train_audio_projection: bool = False
+    """Train only the audio encoder's output projection into the LLM (with the encoder frozen)."""
+    base_models_dir: str | None = None
+    """Where to find pretrained base models (and codec checkpoints) an export names when they are
+    not at their recorded path (by directory name, checked by hash); also $VCRITIC_BASE_MODELS."""
 
 
 @dataclass
@@ -211,6 +223,9 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    weights = cfg.model.codebook_weights
+    if weights is not None and (not len(weights) or min(weights) < 0 or sum(weights) <= 0):
+        raise ConfigError(f"model.codebook_weights must be non-negative and not all zero, got {list(weights)}")
     if not 0.0 < cfg.data.dedup_threshold <= 1.0:
         raise ConfigError(f"data.dedup_threshold must be in (0, 1], got {cfg.data.dedup_threshold}")
 

@@ -39,7 +39,10 @@ class OracleCritic:
     def __init__(self, right: bool):
         self.right = right
 
-    def continuation_logprob(self, prompt, music, frames, prefix, continuation):
+    def heard_row(self, row):
+        return row
+
+    def continuation_logprob(self, heard, prefix, continuation):
         truth = ("E major", "130 bpm", "reed")
         hit = any(t in continuation for t in truth)
         return (0.0 if hit else -1.0) if self.right else (-1.0 if hit else 0.0)

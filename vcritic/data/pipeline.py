@@ -29,7 +29,7 @@ from vcritic.data.split import add_split_column
 from vcritic.models.build import materialize_backbone
 
 log = logging.getLogger(__name__)
-FORMAT = 2  # bump when the shard layout changes, so old prepared data is not reused
+FORMAT = 3  # bump when the shard layout changes, so old prepared data is not reused
 
 
 @dataclass
@@ -47,6 +47,9 @@ class PreparedData:
     audio_frame_rate: float
     counts: dict[str, int]
     manifest: str
+    audio_num_codebooks: int = 1
+    music_seconds_cut: float = 0.0
+    """Seconds of music cut off clips longer than a natively hearing backbone's limit (summed)."""
 
     @classmethod
     def load(cls, root: Path) -> PreparedData:
@@ -144,15 +147,17 @@ def prepare(cfg) -> PreparedData:
     audio_tok = _fit_audio_tokenizer(cfg, train_rows, work / "audio_tokenizer")
     backbone_spec = materialize_backbone(to_dict(cfg.model.backbone), _corpus(train_rows), work / "base")
     # The backbone was saved under .partial; point at where it will live after the rename.
+    stage_backbone = {"name": backbone_spec["name"], "options": dict(backbone_spec["options"])}
     if backbone_spec.get("from_scratch"):
         backbone_spec["options"]["path"] = str(root / "base")
-        tokenizer_dir = str(work / "base")
+        stage_backbone["options"]["path"] = tokenizer_dir = str(work / "base")
     else:
         tokenizer_dir = backbone_spec["options"]["path"]
 
     tokenized = kept.map_batches(stages.tokenize, batch_format="pandas", batch_size=16, fn_kwargs={
         "tokenizer_dir": tokenizer_dir, "audio_spec": to_dict(cfg.model.audio_tokenizer),
-        "audio_dir": str(work / "audio_tokenizer")}).materialize()
+        "audio_dir": str(work / "audio_tokenizer"), "backbone_spec": stage_backbone,
+        "max_prompt_tokens": int(cfg.model.max_prompt_tokens)}).materialize()
     ok = tokenized.filter(expr=col("error") == "").drop_columns(["error", "stage", "raw"])
     for split in ("train", "val"):
         ok.filter(expr=col("split") == split).write_parquet(str(work / split))
@@ -164,16 +169,22 @@ def prepare(cfg) -> PreparedData:
     dup = dropped.to_pandas()
     _write_jsonl(dup[["example_id", "song_id", "reason"]] if len(dup) else pd.DataFrame(columns=["example_id"]),
                  work / "duplicates.jsonl")
+    clips_cut = ok.filter(expr=col("music_cut_s") > 0).count()
+    seconds_cut = float(ok.sum("music_cut_s") or 0.0) if clips_cut else 0.0
     counts = {"input": checked.count(), "quarantined": len(bad), "near_duplicates": len(dup),
               "train": ok.filter(expr=col("split") == "train").count(),
-              "val": ok.filter(expr=col("split") == "val").count()}
+              "val": ok.filter(expr=col("split") == "val").count(), "clips_cut": int(clips_cut)}
+    if clips_cut:
+        log.warning("%d clips were longer than the backbone's audio limit and were cut (%.1f s of music dropped)",
+                    clips_cut, seconds_cut)
     prepared = PreparedData(
         root=str(root), train_dir=str(root / "train"), val_dir=str(root / "val"),
         quarantine_path=str(root / "quarantine.jsonl"), duplicates_path=str(root / "duplicates.jsonl"),
         backbone_spec=backbone_spec, audio_tokenizer_spec=to_dict(cfg.model.audio_tokenizer),
-        audio_tokenizer_dir=str(root / "audio_tokenizer"), audio_codes=int(audio_tok.vocab_size),
+        audio_tokenizer_dir=str(root / "audio_tokenizer"), audio_codes=int(audio_tok.codebook_size),
         audio_feature_dim=int(audio_tok.feature_dim),
         audio_frame_rate=float(audio_tok.frame_rate), counts=counts, manifest=str(manifest.resolve()),
+        audio_num_codebooks=int(audio_tok.num_codebooks), music_seconds_cut=seconds_cut,
     )
     (work / "prepared.json").write_text(json.dumps(asdict(prepared), indent=2))
     shutil.rmtree(root, ignore_errors=True)

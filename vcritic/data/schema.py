@@ -141,8 +141,20 @@ def parse_row(row: dict[str, Any]) -> Example:
 
 
 # Columns the tokenize stage adds; training shards hold Example columns plus these.
-TOKEN_COLUMNS = ("prompt_ids", "target_text_ids", "music_tokens", "music_features", "target_audio_tokens")
-"""``music_features`` holds the audio tokenizer's continuous frames, flattened ([frames * feature_dim])."""
+TOKEN_COLUMNS = ("prompt_ids", "prompt_tail_ids", "music_positions", "target_text_ids", "music_tokens", "music_features",
+                 "native_features", "native_frames", "music_cut_s", "target_audio_tokens")
+"""What the tokenize stage adds (lists are flat):
+
+* ``prompt_ids`` / ``prompt_tail_ids``: the prompt before and after the music (a
+  :class:`~vcritic.protocols.PromptParts`), ``music_positions``: how many positions the music takes;
+* ``music_tokens``: the audio tokenizer's ids of the music ([frames * Q]; empty for a backbone
+  that hears only through its own encoder), ``music_features``: the tokenizer's continuous frames
+  ([frames * feature_dim]) for vcritic's music encoder;
+* ``native_features`` / ``native_frames``: the backbone's own feature-extractor frames
+  ([frames * D]) for a backbone that hears natively; ``music_cut_s``: seconds cut off a clip
+  longer than that backbone's limit;
+* ``target_text_ids``, ``target_audio_tokens`` ([frames * Q]).
+"""
 
 
 def critic_prompt(persona: str, context: str) -> str:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from vcritic import registry
 from vcritic.data import audio
-from vcritic.data.schema import Example, RowError, critic_prompt, parse_row
+from vcritic.data.schema import Example, RowError, parse_row
 
 EXAMPLE_COLUMNS = list(Example.__dataclass_fields__)
 
@@ -36,9 +36,16 @@ def plugin(kind: str, spec: dict[str, Any]):
 
 @functools.lru_cache(maxsize=2)
 def _text_tokenizer(directory: str):
-    from transformers import AutoTokenizer
+    from vcritic.models.build import text_tokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    return text_tokenizer(directory)
+
+
+@functools.lru_cache(maxsize=2)
+def _hearing(backbone_json: str):
+    spec = json.loads(backbone_json)
+    return _plugin("backbones", json.dumps({"name": spec["name"], "options": spec.get("options") or {}},
+                                           sort_keys=True)).native_hearing()
 
 
 @functools.lru_cache(maxsize=2)
@@ -131,10 +138,23 @@ def embed(batch: pd.DataFrame, spec: dict[str, Any], sample_rate: int) -> pd.Dat
     return batch
 
 
-def tokenize(batch: pd.DataFrame, tokenizer_dir: str, audio_spec: dict[str, Any], audio_dir: str) -> pd.DataFrame:
-    """Add the token columns the trainer reads; a row that fails gets an ``error``."""
+def tokenize(batch: pd.DataFrame, tokenizer_dir: str, audio_spec: dict[str, Any], audio_dir: str,
+             backbone_spec: dict[str, Any], max_prompt_tokens: int) -> pd.DataFrame:
+    """Add the token columns the trainer reads (``schema.TOKEN_COLUMNS``); a row that fails gets an ``error``.
+
+    A backbone that hears natively gets its own feature-extractor frames of the music (cut to its
+    limit, with the seconds cut recorded) and its own prompt layout; any other backbone gets the
+    audio tokenizer's ids and frames of the music between vcritic's music tokens.
+    """
+    from vcritic.models.build import prompt_parts
+    from vcritic.models.codebooks import as_frames
+    from vcritic.models.sequence import Vocab
+
     text_tok = _text_tokenizer(tokenizer_dir)
     audio_tok = _audio_tokenizer(json.dumps(audio_spec, sort_keys=True), audio_dir)
+    hearing = _hearing(json.dumps(backbone_spec, sort_keys=True))
+    q = int(audio_tok.num_codebooks)
+    vocab = Vocab.from_tokenizer(text_tok, int(audio_tok.codebook_size), int(audio_tok.feature_dim), q)
     rate = audio_tok.sample_rate
     out = []
     for row in batch.to_dict("records"):
@@ -142,16 +162,53 @@ def tokenize(batch: pd.DataFrame, tokenizer_dir: str, audio_spec: dict[str, Any]
         row.pop("embedding", None)
         try:
             ex = example_of(row)
-            row["prompt_ids"] = text_tok(critic_prompt(ex.persona, ex.context))["input_ids"]
+            parts = prompt_parts(text_tok, hearing, vocab, ex.persona, ex.context, max_prompt_tokens)
+            row["prompt_ids"], row["prompt_tail_ids"] = list(parts.before_music), list(parts.after_music)
             row["target_text_ids"] = text_tok(" " + ex.target_text.strip(), add_special_tokens=False)["input_ids"]
-            music = audio.load(ex.music, rate)
-            row["music_tokens"] = audio_tok.encode(music).astype(np.int64).tolist()
-            row["music_features"] = audio_tok.features(music).astype(np.float32).reshape(-1).tolist()
+            row.update(music_columns(ex.music, hearing, audio_tok))
             target = ex.target_audio
-            row["target_audio_tokens"] = [] if target is None else audio_tok.encode(audio.load(target, rate)).astype(np.int64).tolist()
+            row["target_audio_tokens"] = [] if target is None else \
+                as_frames(audio_tok.encode(audio.load(target, rate)), q).reshape(-1).tolist()
         except (RowError, audio.AudioError, ValueError) as exc:
-            row.update({"prompt_ids": [], "target_text_ids": [], "music_tokens": [], "music_features": [],
-                        "target_audio_tokens": [],
+            row.update({"prompt_ids": [], "prompt_tail_ids": [], "music_positions": 0, "target_text_ids": [],
+                        "music_tokens": [], "music_features": [], "native_features": [], "native_frames": 0,
+                        "music_cut_s": 0.0, "target_audio_tokens": [],
                         "error": f"example {row.get('example_id')!r}: tokenize: {exc}", "stage": "tokenize"})
         out.append(row)
     return pd.DataFrame(out)
+
+
+def music_columns(ref, hearing, audio_tok) -> dict[str, Any]:
+    """The music at ``ref`` (an :class:`~vcritic.data.schema.AudioRef`, or mono samples at the rate
+    the critic reads) as the critic hears it: the music columns of ``schema.TOKEN_COLUMNS``."""
+    from vcritic.models.codebooks import as_frames
+
+    q = int(audio_tok.num_codebooks)
+
+    def load(rate: int) -> np.ndarray:
+        return np.asarray(ref, dtype=np.float32) if isinstance(ref, np.ndarray) else audio.load(ref, rate)
+
+    if hearing is None:
+        music = load(audio_tok.sample_rate)
+        ids = as_frames(audio_tok.encode(music), q)
+        frames = audio_tok.features(music)[: len(ids)]
+        return {"music_tokens": ids.reshape(-1).tolist(), "music_positions": len(ids),
+                "music_features": frames.astype(np.float32).reshape(-1).tolist(), "native_features": [],
+                "native_frames": 0, "music_cut_s": 0.0}
+    samples = load(int(hearing.sample_rate))
+    limit = int(float(hearing.max_seconds) * int(hearing.sample_rate))
+    cut_s = max(0, samples.size - limit) / int(hearing.sample_rate)
+    samples = samples[:limit]
+    feats = np.asarray(hearing.features(samples), dtype=np.float32)
+    n = int(hearing.num_audio_tokens(len(feats)))
+    ids: list[int] = []
+    if hearing.uses_audio_tokens:
+        music = load(audio_tok.sample_rate)[: int(float(hearing.max_seconds) * audio_tok.sample_rate)]
+        grid = as_frames(audio_tok.encode(music), q)
+        if len(grid) == 0:
+            raise ValueError("the audio tokenizer gave no frames for the music")
+        # Align the tokenizer's frames with the encoder's positions (they differ by rounding at the clip end).
+        grid = grid[:n] if len(grid) >= n else np.concatenate([grid, np.repeat(grid[-1:], n - len(grid), axis=0)])
+        ids = grid.reshape(-1).tolist()
+    return {"music_tokens": ids, "music_positions": n, "music_features": [],
+            "native_features": feats.reshape(-1).tolist(), "native_frames": len(feats), "music_cut_s": float(cut_s)}

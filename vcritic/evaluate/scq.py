@@ -27,8 +27,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from vcritic import registry
 
 
@@ -78,7 +76,7 @@ def scq_accuracy(critic, rows: Sequence[dict[str, Any]], bank: Sequence[dict[str
 
     Args:
         critic: a :class:`vcritic.critic.Critic`.
-        rows: tokenized shard rows (``prompt_ids``, ``music_tokens``, ``facts``, ``target_text``, ``example_id``).
+        rows: tokenized shard rows (``vcritic.data.schema.TOKEN_COLUMNS``, ``facts``, ``target_text``, ``example_id``).
         bank: question bank entries (see module docstring).
 
     Returns:
@@ -90,15 +88,8 @@ def scq_accuracy(critic, rows: Sequence[dict[str, Any]], bank: Sequence[dict[str
         raise ValueError("no SCQ questions: no held-out row states a fact the question bank asks about")
     right: dict[str, list[bool]] = defaultdict(list)
     for q in questions:
-        row = by_id[q.example_id]
-        frames = None
-        if row.get("music_features") is not None:
-            frames = np.asarray(row["music_features"], dtype=np.float32).reshape(len(row["music_tokens"]), -1)
-        scores = [
-            critic.continuation_logprob(list(row["prompt_ids"]), list(row["music_tokens"]), frames, q.prefix,
-                                        " " + q.format.format(option))
-            for option in q.options
-        ]
+        heard = critic.heard_row(by_id[q.example_id])
+        scores = [critic.continuation_logprob(heard, q.prefix, " " + q.format.format(option)) for option in q.options]
         right[q.fact].append(max(range(len(scores)), key=scores.__getitem__) == q.answer)
     every = [ok for oks in right.values() for ok in oks]
     out = {"scq_accuracy": sum(every) / len(every), "scq_questions": float(len(every))}

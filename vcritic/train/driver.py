@@ -78,7 +78,7 @@ def _untrained_critic(cfg, prepared: PreparedData):
 
     torch.manual_seed(int(cfg.run.seed))
     model, tokenizer = build_critic(prepared.backbone_spec, to_dict(cfg.model), prepared.audio_codes,
-                                   prepared.audio_feature_dim)
+                                   prepared.audio_feature_dim, num_codebooks=prepared.audio_num_codebooks)
     audio_tok = load_audio_tokenizer(prepared.audio_tokenizer_spec, prepared.audio_tokenizer_dir)
     return Critic(model, tokenizer, audio_tok, {"model": to_dict(cfg.model)})
 
@@ -98,6 +98,7 @@ def _trainer(cfg, prepared: PreparedData, mlflow_target: dict[str, str]):
         "backbone_spec": prepared.backbone_spec,
         "audio_codes": prepared.audio_codes,
         "audio_feature_dim": prepared.audio_feature_dim,
+        "audio_num_codebooks": prepared.audio_num_codebooks,
         "audio_frame_rate": prepared.audio_frame_rate,
         "audio_tokenizer_dir": prepared.audio_tokenizer_dir,
         "mlflow": mlflow_target,

@@ -116,7 +116,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     device = _device(bool(train_cfg["use_gpu"]))
 
     critic, tokenizer = build_critic(payload["backbone_spec"], model_cfg, int(payload["audio_codes"]),
-                                     int(payload["audio_feature_dim"]))
+                                     int(payload["audio_feature_dim"]), num_codebooks=int(payload["audio_num_codebooks"]))
     critic.to(device)
     params = [p for p in critic.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
