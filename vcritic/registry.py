@@ -40,6 +40,10 @@ FIRST_PARTY: dict[str, dict[str, str]] = {
     "audio_tokenizers": {
         "mel_kmeans": "plugins.dsp.mel_kmeans:MelKMeansTokenizer",
         "kimi_semantic": "plugins.kimi.semantic_tokenizer:KimiSemanticTokenizer",
+        "mimi": "plugins.hf.codecs:MimiTokenizer",
+        "encodec": "plugins.hf.codecs:EncodecTokenizer",
+        "dac": "plugins.hf.codecs:DacTokenizer",
+        "xcodec": "plugins.hf.codecs:XcodecTokenizer",
     },
     "separators": {
         "identity": "plugins.dsp.separators:IdentitySeparator",
