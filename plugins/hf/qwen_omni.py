@@ -1,9 +1,10 @@
 """Backbone plugin for the *thinker* of Qwen2.5-Omni (its text-generating half).
 
 The thinker is an audio tower + a vision tower + a Qwen2 language model with multimodal
-rotary embeddings (mrope: position ids on three axes, time/height/width). vcritic only
-feeds it ``inputs_embeds`` of its own, so every position is a text position and the three
-axes carry the same id. The towers stay in the model (frozen, never LoRA-adapted).
+rotary embeddings (mrope: position ids on three axes, time/height/width). vcritic feeds it
+``inputs_embeds``: the critic hears through the thinker's own audio tower
+(:meth:`QwenOmniThinkerBackbone.native_hearing`, :mod:`plugins.hf.qwen_omni_hearing`) with the
+positions the thinker itself computes. The towers are never LoRA-adapted; the vision tower is frozen.
 
 Two ways to build it:
 
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from plugins.hf.causal_lm import TINY_DEFAULTS, decoder_of, run_decoder_layers, train_bpe_tokenizer
+from plugins.hf.causal_lm import TINY_DEFAULTS, decoder_of, train_bpe_tokenizer
+from plugins.hf.qwen_omni_hearing import QwenOmniHearing
 
 # peft reads a string as a full-match regex. A list of suffixes cannot work here: the audio
 # tower also has ``self_attn.q_proj``... and the vision tower ``mlp.gate_proj``..., so the
@@ -41,17 +43,24 @@ PLACEHOLDERS = {
     "vision_start_token_id": "<|vision_bos|>",
     "vision_end_token_id": "<|vision_eos|>",
 }
+# Chat-turn tokens of the release's template; the random thinker's tokenizer has them too.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 # The same small decoder as the generic backbone's (the thinker config sets its own embedding tying).
 TINY_TEXT: dict[str, Any] = {k: v for k, v in TINY_DEFAULTS.items() if k != "tie_word_embeddings"}
+# A tiny tower on the release's front end: 128 mel bins, 2 s attention windows (n_window = 100
+# frames after the stride-2 conv) and the release's 1500 sinusoidal positions (>= n_window).
+# Initialised 10x wider than transformers' 0.02: at 0.02 the sinusoidal positions swamp the conv
+# output and a frozen random tower is deaf (what it hears is ~1% of its output; at 0.2, ~90%).
 TINY_AUDIO: dict[str, Any] = {
-    "num_mel_bins": 16,
-    "encoder_layers": 1,
+    "initializer_range": 0.2,
+    "num_mel_bins": 128,
+    "encoder_layers": 2,
     "encoder_attention_heads": 2,
     "encoder_ffn_dim": 64,
     "d_model": 32,
-    "max_source_positions": 200,
-    "n_window": 10,
+    "max_source_positions": 1500,
+    "n_window": 100,
 }
 TINY_VISION: dict[str, Any] = {
     "depth": 1,
@@ -77,7 +86,7 @@ def text_positions_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[t
     Without it the thinker reuses ``rope_deltas`` cached on the module by an earlier
     ``generate`` or ``input_ids`` call: positions then depend on what ran before, and a later
     batch of another size crashes. With it, position = past length + index, which is what a
-    fresh thinker computes and what :func:`run_decoder_layers` uses.
+    fresh thinker computes and what :meth:`QwenOmniThinkerBackbone.run_layers` uses by default.
     """
     if args or kwargs.get("input_ids") is not None or kwargs.get("position_ids") is not None:
         return None
@@ -114,6 +123,7 @@ class QwenOmniThinkerBackbone:
         tiny: overrides for the random thinker: ``text``, ``audio``, ``vision`` (sub-config
             keys) and ``vocab_size`` (BPE tokenizer size, default 1024).
         seed: initialisation seed for the random thinker.
+        max_audio_seconds: cut clips to this many seconds (default: the feature extractor's window).
     """
 
     def __init__(
@@ -122,11 +132,13 @@ class QwenOmniThinkerBackbone:
         dtype: str = "bfloat16",
         tiny: dict[str, Any] | None = None,
         seed: int = 0,
+        max_audio_seconds: float | None = None,
     ) -> None:
         self.path = path
         self.dtype = dtype
         self.tiny = dict(tiny or {})
         self.seed = seed
+        self.max_audio_seconds = max_audio_seconds
         unknown = set(self.tiny) - {"text", "audio", "vision", "vocab_size"}
         if unknown:
             raise ValueError(f"unknown tiny keys {sorted(unknown)}; use text, audio, vision, vocab_size")
@@ -141,7 +153,8 @@ class QwenOmniThinkerBackbone:
             tokenizer = AutoTokenizer.from_pretrained(self.path)
             model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(self.path, dtype=dtype)
             return install_text_positions(model), tokenizer
-        specials = [*special_tokens, *[t for t in PLACEHOLDERS.values() if t not in special_tokens]]
+        qwen = [*CHAT_TOKENS, *PLACEHOLDERS.values()]
+        specials = [*special_tokens, *[t for t in qwen if t not in special_tokens]]
         tokenizer = train_bpe_tokenizer(corpus or [], int(self.tiny.get("vocab_size", 1024)), specials)
         config = self._tiny_config(tokenizer)
         with torch.random.fork_rng():
@@ -184,15 +197,42 @@ class QwenOmniThinkerBackbone:
         layers: Sequence[nn.Module],
         hidden: torch.Tensor,
         attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # The generic helper passes 2-D positions [1, T]; the thinker's rotary embedding
-        # broadcasts them to all three mrope axes, which equals the text positions the
-        # hooked forward uses, so copied layers reproduce the thinker's own hidden states.
-        return run_decoder_layers(model, layers, hidden, attention_mask)
+        """Run (copies of) the thinker's decoder layers as its language model does: the causal mask
+        from ``attention_mask`` alone and rotary embeddings at ``position_ids`` ([3, B, T] mrope
+        positions from :meth:`QwenOmniHearing.position_ids`; [B, T] is put on all three axes; None
+        is 0..T-1, what the hooked forward uses for embeddings-only calls)."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        decoder = decoder_of(model)
+        batch, length = hidden.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=hidden.device).view(1, 1, -1).expand(3, batch, -1)
+        elif position_ids.ndim == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        mask_kwargs = {"config": decoder.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
+                       "past_key_values": None, "position_ids": None}
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        position_embeddings = decoder.rotary_emb(hidden, position_ids.to(hidden.device))
+        for layer in layers:
+            kind = decoder.config.layer_types[layer.self_attn.layer_idx]
+            if kind not in masks:
+                masks[kind] = create_sliding_window_causal_mask(**mask_kwargs)
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings)
+        return hidden
 
     def lora_target_modules(self) -> str:
         """A peft regex (not a list): the language model's projections, never the towers'."""
         return LORA_TARGET_REGEX
 
+    def native_hearing(self) -> QwenOmniHearing:
+        """The thinker hears through its own audio tower, fed as its processor would feed it."""
+        return QwenOmniHearing.for_checkpoint(self.path, self.max_audio_seconds)
+
+    def init_audio_side(self, critic: Any) -> None:
+        """No pretrained audio output to load (the talker's codec has no released encoder)."""
+
     def spec(self) -> dict[str, Any]:
-        return {"path": self.path, "dtype": self.dtype, "tiny": self.tiny, "seed": self.seed}
+        return {"path": self.path, "dtype": self.dtype, "tiny": self.tiny, "seed": self.seed,
+                "max_audio_seconds": self.max_audio_seconds}
