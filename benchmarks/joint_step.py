@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vcritic.models import build  # noqa: E402
 from vcritic.models.sequence import build_streams, collate  # noqa: E402
+from vcritic.protocols import PromptParts  # noqa: E402
 
 FEATURE_DIM, AUDIO_CODES = 64, 64
 
@@ -33,7 +34,8 @@ def make_batch(critic, batch: int, music: int, text: int, speech: int, seed: int
     vocab = critic.vocab
     text_vocab = critic.trunk.get_input_embeddings().num_embeddings - 8
     streams = [
-        build_streams(vocab, rng.integers(0, text_vocab, 24).tolist(), rng.integers(0, AUDIO_CODES, music).tolist(),
+        build_streams(vocab, PromptParts([*rng.integers(0, text_vocab, 24).tolist(), vocab.music_start], [vocab.music_end],
+                                         vocab.slot, vocab.end), music, rng.integers(0, AUDIO_CODES, music).tolist(),
                       rng.integers(0, text_vocab, text).tolist(), rng.integers(0, AUDIO_CODES, speech).tolist(),
                       music_features=rng.standard_normal((music, FEATURE_DIM)).astype(np.float32))
         for _ in range(batch)
