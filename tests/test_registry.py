@@ -113,3 +113,40 @@ def test_a_missing_dependency_fails_at_import_with_the_extra(tmp_path, on_path):
     on_path(tmp_path)
     with pytest.raises(registry.PluginError, match="missing module\\(s\\) no_such_module_xyz"):
         registry.import_target("plugins_probe.needs:P")
+
+
+class _OldStyleBackbone:
+    """A backbone written before native hearing existed: it lacks the two new methods."""
+
+    def build(self, corpus=None, special_tokens=()): ...
+    def decoder_layers(self, model): ...
+    def final_norm(self, model): ...
+    def run_layers(self, model, layers, hidden, attention_mask, position_ids=None): ...
+    def lora_target_modules(self): ...
+    def spec(self): ...
+
+
+class _HalfCodec:
+    sample_rate, frame_rate, codebook_size = 24000, 12.5, 2048
+
+    def encode(self, samples): ...
+
+
+def test_create_checks_the_plugin_against_its_protocol_and_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(registry, "load", lambda kind, name: {"backbones": _OldStyleBackbone,
+                                                             "audio_tokenizers": _HalfCodec}[kind])
+    with pytest.raises(registry.PluginError, match=r"does not satisfy vcritic\.protocols\.Backbone: it lacks "
+                                                   r"native_hearing, init_audio_side"):
+        registry.create("backbones", "old")
+    with pytest.raises(registry.PluginError, match="lacks num_codebooks, feature_dim, features, fit, decode, save, load"):
+        registry.create("audio_tokenizers", "half")
+
+
+def test_every_first_party_backbone_declares_how_it_hears():
+    from plugins.hf.qwen_omni_hearing import QwenOmniHearing
+    from vcritic.protocols import NativeHearing
+
+    assert registry.create("backbones", "causal_lm").native_hearing() is None
+    hearing = registry.create("backbones", "qwen2_5_omni_thinker").native_hearing()
+    assert isinstance(hearing, QwenOmniHearing) and isinstance(hearing, NativeHearing)
+    assert hearing.sample_rate == 16000 and hearing.feature_dim == 128 and not hearing.uses_audio_tokens

@@ -99,3 +99,30 @@ def test_the_tower_is_frozen_and_the_loss_depends_on_the_clip(spec):
     # Only the clip tells low from high: a critic that hears it pays for the wrong pairing.
     # (Measured: 0.29 right vs 0.76 shuffled after 40 steps; an untrained critic scores both alike.)
     assert shuffled > 1.5 * right and shuffled > right + 0.3, (right, shuffled)
+
+
+def test_a_trained_tower_projection_is_exported_and_loaded(spec, tmp_path):
+    from vcritic.models.build import load_export, materialize_backbone, save_export
+
+    spec = materialize_backbone(spec, [], tmp_path / "unused")  # a pretrained base: only referenced
+    assert spec["base_ref"]["sha256"] and not (tmp_path / "unused").exists()
+    cfg = {**MODEL_CFG, "train_audio_projection": True}
+    critic, tok = build_critic(spec, cfg, audio_codes=8, feature_dim=8)
+    named = dict(critic.trunk.get_base_model().named_parameters())
+    proj = [n for n in named if "audio_tower.proj" in n]
+    assert proj and all(named[n].requires_grad for n in proj)
+    assert not any(p.requires_grad for n, p in named.items() if "audio_tower" in n and n not in proj)
+    with torch.no_grad():
+        for n in proj:
+            named[n].add_(0.25)
+    atok = MelKMeansTokenizer(codebook_size=8)
+    atok.fit([tone(220.0, 2.0), tone(440.0, 2.0)])
+    atok.save(str(tmp_path / "atok"))
+    out = save_export(critic, tok, spec, {"name": "mel_kmeans", "options": {"codebook_size": 8}}, tmp_path / "atok",
+                      cfg, tmp_path / "export")
+    assert (out / "trunk_extra.safetensors").exists() and not (out / "base").exists()
+    again, _, _, meta = load_export(out)
+    loaded = dict(again.trunk.get_base_model().named_parameters())
+    for n in proj:
+        assert torch.equal(loaded[n], named[n]), n
+    assert meta["backbone"]["base_ref"] == spec["base_ref"]
