@@ -13,16 +13,6 @@ from vcritic.models import build
 from vcritic.models.sequence import build_streams, collate
 from vcritic.testing.tiny_codecs import TINY_WRITERS
 
-CORPUS = ["Persona: a coach.\nListen and critique:", " a bright tone, slightly sharp in the chorus."] * 10
-BACKBONE = {"name": "causal_lm", "options": {"config": {"hidden_size": 32, "intermediate_size": 64,
-                                                        "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                        "num_key_value_heads": 2}, "tokenizer_vocab_size": 300}}
-
-
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    return build.materialize_backbone(BACKBONE, CORPUS, tmp_path_factory.mktemp("m") / "base")
-
 
 def tone(freq: float, seconds: float, rate: int) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate

@@ -9,18 +9,10 @@ from vcritic.models.sequence import IGNORE, build_streams, collate
 from vcritic.protocols import PromptParts
 
 FEAT = 6  # width of the continuous music frames
-CORPUS = ["Persona: a fan.\nListen and critique:", " the lead sounds like a flute. it sits in G major."] * 10
 MODEL_CFG = dict(audio_head_layers=1, loss_lambda=2 / 3, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                  lora_target_modules=None, train_text_head=False, max_prompt_tokens=64, max_text_tokens=64,
                  max_audio_tokens=64)
-BACKBONE = {"name": "causal_lm", "options": {"config": {"hidden_size": 32, "intermediate_size": 64,
-                                                        "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                        "num_key_value_heads": 2}, "tokenizer_vocab_size": 300}}
 
-
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    return build.materialize_backbone(BACKBONE, CORPUS, tmp_path_factory.mktemp("m") / "base")
 
 
 def make(spec, num_codebooks=1, **overrides):
