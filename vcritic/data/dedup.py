@@ -44,7 +44,7 @@ def _validate(embeddings: np.ndarray, ids: Sequence[str] | None = None) -> np.nd
             name = f"row {row}" if ids is None else f"row {ids[row]!r}"
             raise ValueError(f"embedding {name} {problem} (norm {norms[row]:.4f}; "
                              f"{int(bad.sum())} bad rows): {fix} before dedup")
-    return x
+    return x / norms[:, None]  # exactly unit norm, so inner products are cosines
 
 
 def build_index(
@@ -96,9 +96,20 @@ class GpuRangeIndex:
         return range_search_gpu(queries, radius, self.gpu_index, self.cpu_index, gpu_k=_GPU_K)
 
 
+EXACT_TOLERANCE = 1e-5
+"""At threshold 1.0 (only exact duplicates), pairs with cosine > 1 - this count: float32 rounding
+keeps a vector's cosine with an identical copy a hair below 1."""
+
+
 def _check_threshold(threshold: float) -> None:
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    # The same range (and message) as config._check for data.dedup_threshold.
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+
+
+def _radius(threshold: float) -> float:
+    """The faiss range-search radius (kept: inner product > radius) for a checked threshold."""
+    return min(float(threshold), 1.0 - EXACT_TOLERANCE)
 
 
 def _search(index, queries: np.ndarray, positions: np.ndarray, threshold: float, batch_size: int):
@@ -110,7 +121,9 @@ def _search(index, queries: np.ndarray, positions: np.ndarray, threshold: float,
     # Batches bound the result buffers (and HNSW aborts on big range_search calls).
     for start in range(0, len(queries), batch_size):
         q = np.ascontiguousarray(queries[start : start + batch_size], dtype=np.float32)
-        lims, sims, hits = index.range_search(q, float(threshold))  # keeps sim > threshold only
+        # Cosines even for rows off unit norm by < 1e-3 (a new array: never the caller's).
+        q = np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+        lims, sims, hits = index.range_search(q, _radius(threshold))  # keeps sim > radius only
         rows = np.repeat(np.asarray(positions[start : start + batch_size], np.int64),
                          np.diff(lims).astype(np.int64))
         keep = hits != rows
@@ -128,7 +141,8 @@ def duplicate_pairs(
     Args:
         index: from :func:`build_index`; queries: (n, d) unit vectors, usually indexed rows.
         query_ids: index position of each query row (so self-matches can be dropped).
-        threshold: cut in (0, 1); faiss keeps inner products strictly above it.
+        threshold: cut in (0, 1]; faiss keeps inner products strictly above it. 1.0 finds only exact
+            duplicates (cosine > 1 - ``EXACT_TOLERANCE``, for float32 rounding).
     Returns:
         Sorted unique pairs (i, j) with i < j, no self-pairs.
     Raises:
@@ -228,7 +242,8 @@ def find_duplicates(
     ds: ray.data.Dataset, threshold: float = 0.95, id_column: str = "example_id",
     embedding_column: str = "embedding", batch_size: int = 512, num_workers: int | None = None,
 ) -> set[str]:
-    """Ids to drop so that no two kept rows have cosine similarity > ``threshold`` (in (0, 1)).
+    """Ids to drop so that no two kept rows have cosine similarity > ``threshold`` (in (0, 1];
+    1.0 drops only exact duplicates).
 
     Args:
         ds: rows with a unique id and an L2-normalised embedding.

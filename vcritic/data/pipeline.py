@@ -17,7 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
@@ -29,7 +32,7 @@ from vcritic.data.split import add_split_column
 from vcritic.models.build import materialize_backbone
 
 log = logging.getLogger(__name__)
-FORMAT = 3  # bump when the shard layout changes, so old prepared data is not reused
+FORMAT = 4  # bump when the shard layout changes, so old prepared data is not reused
 
 
 @dataclass
@@ -70,8 +73,36 @@ def manifest_path(cfg) -> Path:
                               bad_rows=d.bad_rows, sample_rate=cfg.data.sample_rate, seed=cfg.run.seed))
 
 
+def manifest_files(manifest: Path) -> list[Path]:
+    """The files a manifest consists of, in manifest order: a JSONL or Parquet file itself, or a
+    directory's ``*.parquet`` files (searched recursively, hidden ``.``/``_`` entries skipped) by name."""
+    if manifest.is_dir():
+        files = sorted((p for p in manifest.rglob("*.parquet") if p.is_file()
+                        and not any(part.startswith((".", "_")) for part in p.relative_to(manifest).parts)),
+                       key=lambda p: p.relative_to(manifest).as_posix())
+        if not files:
+            raise ValueError(f"manifest directory {manifest} holds no .parquet files")
+        return files
+    if manifest.suffix not in (".parquet", ".jsonl", ".json"):
+        raise ValueError(f"manifest {manifest} must be .jsonl or .parquet (or a directory of .parquet files)")
+    return [manifest]
+
+
+def _hash_manifest(h, manifest: Path) -> None:
+    """Feed the manifest into ``h``: a file's bytes; for a directory, each file's relative name,
+    size and bytes, in name order (so a renamed, resized or edited file changes the hash)."""
+    files = manifest_files(manifest)
+    for path in files:
+        if manifest.is_dir():
+            h.update(json.dumps([path.relative_to(manifest).as_posix(), path.stat().st_size]).encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+
+
 def fingerprint(cfg, manifest: Path) -> str:
-    h = hashlib.sha256(manifest.read_bytes())
+    h = hashlib.sha256()
+    _hash_manifest(h, manifest)
     settings = {k: v for k, v in to_dict(cfg.data).items() if k not in ("manifest", "demo")}
     h.update(json.dumps({"format": FORMAT, "data": settings, "seed": cfg.run.seed,
                          "backbone": to_dict(cfg.model.backbone),
@@ -79,13 +110,42 @@ def fingerprint(cfg, manifest: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _read(manifest: Path) -> ray.data.Dataset:
-    if manifest.suffix == ".parquet" or manifest.is_dir():
-        ds = ray.data.read_parquet(str(manifest))
-    elif manifest.suffix in (".jsonl", ".json"):
-        ds = ray.data.read_json(str(manifest), lines=True)
+def _read_manifest_file(path: str, first_row: int) -> pa.Table:
+    if path.endswith(".parquet"):
+        table = pq.ParquetFile(path).read()
     else:
-        raise ValueError(f"manifest {manifest} must be .jsonl or .parquet")
+        # dtype=False: ids such as "007" stay strings (pandas would otherwise make "007" and "7" both 7).
+        table = pa.Table.from_pandas(pd.read_json(path, lines=True, dtype=False), preserve_index=False)
+    rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
+    return table.append_column(stages.ROW_COLUMN, rows)
+
+
+class _ManifestDatasource(ray.data.Datasource):
+    """One read task per manifest file; each row gets its 1-based position in manifest order
+    (``stages.ROW_COLUMN``), which Ray Data's own readers cannot give (block order is not kept)."""
+
+    def __init__(self, files: list[Path]):
+        super().__init__()
+        self.files = [str(p) for p in files]
+        # Only a Parquet directory has several files; their footers give the row counts.
+        counts = [pq.ParquetFile(p).metadata.num_rows if p.endswith(".parquet") else 0 for p in self.files]
+        self.first_rows = [1 + sum(counts[:k]) for k in range(len(counts))]
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return sum(Path(p).stat().st_size for p in self.files)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import ReadTask
+
+        return [ReadTask(lambda path=path, first=first: [_read_manifest_file(path, first)],
+                         BlockMetadata(num_rows=None, size_bytes=Path(path).stat().st_size, exec_stats=None,
+                                       input_files=[path]), per_task_row_limit=per_task_row_limit)
+                for path, first in zip(self.files, self.first_rows, strict=True)]
+
+
+def _read(manifest: Path) -> ray.data.Dataset:
+    ds = ray.data.read_datasource(_ManifestDatasource(manifest_files(manifest)))
     rows = ds.count()
     # Enough blocks that every CPU worker gets a share of the decoding.
     return ds.repartition(max(2, min(256, rows // 16)))
@@ -128,10 +188,17 @@ def prepare(cfg) -> PreparedData:
     work.mkdir(parents=True)
     sr = int(cfg.data.sample_rate)
 
-    checked = _read(manifest).map_batches(
+    rows = _read(manifest).materialize()
+    # A repeated example_id keeps its first row in manifest order; the later rows are quarantined.
+    repeats = stages.repeated_ids(rows.select_columns(["example_id", stages.ROW_COLUMN]).to_pandas()) \
+        if "example_id" in rows.schema().names else {}
+    if repeats:
+        log.warning("%d manifest rows repeat an earlier row's example_id; they are quarantined", len(repeats))
+    checked = rows.map_batches(
         stages.validate, batch_format="pandas", batch_size=16,
         fn_kwargs={"sample_rate": sr, "min_s": cfg.data.min_clip_seconds, "max_s": cfg.data.max_clip_seconds,
-                   "max_target_s": cfg.data.max_target_audio_seconds},
+                   "max_target_s": cfg.data.max_target_audio_seconds, "repeats": repeats,
+                   "min_words": int(cfg.data.min_critique_words), "max_words": int(cfg.data.max_critique_words)},
     ).materialize()
     good = checked.filter(expr=col("error") == "")
     if cfg.data.separator.name != "identity":  # identity would only copy files

@@ -10,7 +10,7 @@ Input manifest columns (JSONL or Parquet, one example per row):
 ===================  ========  ==================================================
 column               required  meaning
 ===================  ========  ==================================================
-example_id           yes       unique id
+example_id           yes       unique id (a repeat of an earlier row's id is quarantined)
 song_id              yes       grouping key: the 90/10 split never splits a song
 source               yes       ``human`` (reaction recordings) or ``mllm``
 audio_path           yes       music recording (any format soundfile reads)
@@ -18,7 +18,7 @@ offset_s             no        start of the music segment in the recording (0)
 duration_s           no        length of the segment (None = to the end)
 persona              yes       critic persona prompt
 context              no        song facts given to the critic ("")
-target_text          yes       the critique text
+target_text          yes       the critique text (data.min/max_critique_words words)
 target_audio_path    no        recording of the spoken critique (or a hum)
 target_offset_s      no        start of the spoken critique (0)
 target_duration_s    no        its length (None = to the end)

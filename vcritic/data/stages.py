@@ -80,15 +80,60 @@ def example_of(row: dict[str, Any]) -> Example:
     return parse_row({k: _nan_to_none(row.get(k)) for k in EXAMPLE_COLUMNS})
 
 
-def validate(batch: pd.DataFrame, sample_rate: int, min_s: float, max_s: float, max_target_s: float) -> pd.DataFrame:
-    """Parse each row and decode its audio; bad rows get an ``error``."""
+ROW_COLUMN = "manifest_row"
+"""Added by the manifest reader: each row's 1-based position in manifest order (files by name)."""
+
+
+def repeated_ids(ids: pd.DataFrame) -> dict[int, str]:
+    """Rows whose ``example_id`` an earlier manifest row already has: the first occurrence (smallest
+    ``manifest_row``) is kept, every later one gets a quarantine reason.
+
+    Args:
+        ids: ``example_id`` and ``manifest_row`` columns, any order (rows without an id are ignored:
+            validation quarantines them anyway).
+    Returns:
+        ``{manifest_row: reason}`` for each later occurrence; deterministic for a given manifest.
+    """
+    first: dict[str, int] = {}
+    reasons: dict[int, str] = {}
+    pairs = zip(ids[ROW_COLUMN].astype("int64").tolist(), ids["example_id"].tolist(), strict=True)
+    for row, eid in sorted(pairs, key=lambda pair: pair[0]):
+        eid = _nan_to_none(eid)
+        if eid is None or eid == "":
+            continue
+        keep = first.setdefault(str(eid), row)
+        if keep != row:
+            reasons[row] = f"example_id {str(eid)!r} repeats manifest row {keep} (this is row {row}); " \
+                           "the first occurrence is kept"
+    return reasons
+
+
+def validate(batch: pd.DataFrame, sample_rate: int, min_s: float, max_s: float, max_target_s: float,
+             min_words: int = 1, max_words: int = 5000, repeats: dict[int, str] | None = None) -> pd.DataFrame:
+    """Parse each row, check it, and decode its audio; bad rows get an ``error``.
+
+    Args:
+        min_words, max_words: allowed length of ``target_text`` in whitespace-separated words.
+        repeats: ``{manifest_row: reason}`` of rows that repeat an earlier row's id (:func:`repeated_ids`).
+    """
     out = []
     for raw in batch.to_dict("records"):
         raw = {k: _nan_to_none(v) for k, v in raw.items()}
+        row_number = raw.pop(ROW_COLUMN, None)
         try:
             example = parse_row(raw)
         except RowError as exc:
             out.append(_flat(None, raw, f"row {raw.get('example_id')!r}: {exc}", "validate"))
+            continue
+        if repeats and row_number is not None and int(row_number) in repeats:
+            out.append(_flat(example, raw, f"example {example.example_id!r}: {repeats[int(row_number)]}", "validate"))
+            continue
+        words = len(example.target_text.split())
+        if not min_words <= words <= max_words:
+            bound = f"under data.min_critique_words={min_words}" if words < min_words else \
+                f"over data.max_critique_words={max_words}"
+            out.append(_flat(example, raw, f"example {example.example_id!r}: target_text has {words} words, {bound}",
+                             "validate"))
             continue
         try:
             music = audio.load(example.music, sample_rate)
