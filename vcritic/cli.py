@@ -41,10 +41,14 @@ def train_main(args: list[str]) -> int:
     if "scq_accuracy_after" in m:
         print(f"SCQ accuracy   : {m['scq_accuracy_before']:.3f} before -> {m['scq_accuracy_after']:.3f} after training "
               f"({int(m['scq_questions_after'])} questions)")
+    elif getattr(summary, "scq_skipped_reason", None):
+        print(f"SCQ accuracy   : skipped ({summary.scq_skipped_reason})")
     print(f"MLflow         : {summary.tracking_uri} experiment={summary.experiment!r} run_id={summary.run_id}")
     if summary.registered_version is not None:
-        print(f"registered     : models:/{cfg.mlflow.registered_model}@{cfg.mlflow.alias} "
-              f"(version {summary.registered_version})")
+        name, alias = cfg.mlflow.registered_model, cfg.mlflow.alias
+        where = f"models:/{name}@{alias}" if summary.promoted else f"models:/{name}/{summary.registered_version}"
+        print(f"registered     : {where} (version {summary.registered_version})")
+        print(f"promotion      : {summary.promote_reason}")
     return 0
 
 

@@ -50,6 +50,12 @@ class MlflowConfig:
     registered_model: str = "vcritic-critic"
     alias: str = "champion"
     register: bool = True
+    promote_metric: str = "best_val_loss"
+    """Run metric a new version must beat the alias holder's (its source run's) on to take the alias."""
+    promote_direction: str = "min"
+    """min: lower promote_metric is better; max: higher is better."""
+    promote: str = "if_better"
+    """if_better: the alias moves only to a better version; always: to every new version."""
 
 
 @dataclass
@@ -74,7 +80,11 @@ class DataConfig:
     max_clip_seconds: float = 30.0
     max_target_audio_seconds: float = 10.0
     dedup_threshold: float = 0.95
-    """Cosine similarity above which two examples are near-duplicates (one is dropped)."""
+    """Cosine similarity above which two examples are near-duplicates (one is dropped); in (0, 1],
+    where 1.0 drops only exact duplicates (identical embeddings up to float32 rounding)."""
+    min_critique_words: int = 1
+    max_critique_words: int = 5000
+    """Rows whose target_text has fewer or more whitespace-separated words are quarantined."""
     val_fraction: float = 0.1
     tokenizer_fit_clips: int = 64
     """Clips sampled from the train split to fit an audio tokenizer that needs fitting."""
@@ -143,6 +153,16 @@ class TrainConfig:
     """A Ray Train checkpoint directory to start from (a restarted run resumes by itself)."""
     max_steps_per_epoch: int | None = None
     """Cap optimizer steps per epoch (smoke tests)."""
+    lr_schedule: str = "cosine"
+    """cosine | constant: after the linear warmup, cosine decay to min_lr_ratio·lr over all optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """Where the cosine schedule ends, as a fraction of train.lr."""
+    gradient_checkpointing: bool = False
+    """Recompute the trunk's activations in the backward pass (less memory, ~30% more compute)."""
+    shuffle_buffer_rows: int = 256
+    """Rows each worker shuffles among (reseeded from run.seed every epoch) and groups by length."""
+    group_by_length: bool = True
+    """Batch rows of similar stream length together within the shuffle buffer (less padding)."""
 
 
 @dataclass
@@ -221,6 +241,15 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
     if cfg.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {cfg.train.precision!r}")
+    if cfg.train.lr_schedule not in ("cosine", "constant"):
+        raise ConfigError(f"train.lr_schedule must be 'cosine' or 'constant', got {cfg.train.lr_schedule!r}")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if cfg.train.shuffle_buffer_rows < 1:
+        raise ConfigError(f"train.shuffle_buffer_rows must be at least 1, got {cfg.train.shuffle_buffer_rows}")
+    if cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:
+        raise ConfigError("train.precision=bf16 needs train.zero_stage >= 1 (ZeRO keeps fp32 master weights; "
+                          "stage 0 would update the weights in bf16)")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     weights = cfg.model.codebook_weights
@@ -228,6 +257,13 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"model.codebook_weights must be non-negative and not all zero, got {list(weights)}")
     if not 0.0 < cfg.data.dedup_threshold <= 1.0:
         raise ConfigError(f"data.dedup_threshold must be in (0, 1], got {cfg.data.dedup_threshold}")
+    if not 0 <= cfg.data.min_critique_words <= cfg.data.max_critique_words or cfg.data.max_critique_words < 1:
+        raise ConfigError(f"data.min_critique_words and data.max_critique_words must satisfy 0 <= min <= max, max >= 1; "
+                          f"got {cfg.data.min_critique_words} and {cfg.data.max_critique_words}")
+    if cfg.mlflow.promote_direction not in ("min", "max"):
+        raise ConfigError(f"mlflow.promote_direction must be 'min' or 'max', got {cfg.mlflow.promote_direction!r}")
+    if cfg.mlflow.promote not in ("if_better", "always"):
+        raise ConfigError(f"mlflow.promote must be 'if_better' or 'always', got {cfg.mlflow.promote!r}")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +103,100 @@ def log_critic(export_dir: str | Path, name: str = "critic"):
     )
 
 
-def register(model_uri: str, registered_name: str, alias: str) -> int:
-    """Register ``model_uri`` under ``registered_name`` and point ``alias`` at the new version."""
+DIRECTIONS = ("min", "max")
+PROMOTE_MODES = ("if_better", "always")
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` did: the new version, whether it took the alias, and why."""
+
+    version: int
+    promoted: bool
+    reason: str
+    champion_version: int | None = None
+    """The version that held the alias before this registration (None: nothing did)."""
+    champion_value: float | None = None
+    """That version's source run's value of the promotion metric (None: it had none)."""
+
+
+def _number(value: float | None) -> float | None:
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
+def _decide(value: float | None, metric: str, direction: str, champion_version: int | None,
+            champion_value: float | None, champion_note: str) -> tuple[bool, str]:
+    """(promote?, why) for a new version whose run scored ``value``; the reason names no new version."""
+    if champion_version is None:
+        return True, "no current champion"
+    if champion_value is None:
+        return True, f"champion version {champion_version}'s run {champion_note}"
+    if value is None:
+        return False, f"this run has no {metric} to compare with champion version {champion_version}'s {champion_value:.6g}"
+    better = value < champion_value if direction == "min" else value > champion_value
+    verb = "beats" if better else "does not beat"
+    return better, (f"{metric} {value:.6g} {verb} champion version {champion_version}'s {champion_value:.6g} "
+                    f"({'lower' if direction == 'min' else 'higher'} is better)")
+
+
+def register(model_uri: str, registered_name: str, alias: str, metric_value: float | None = None,
+             metric: str = "best_val_loss", direction: str = "min", always: bool = False) -> RegistrationResult:
+    """Register ``model_uri`` as a new version of ``registered_name``; point ``alias`` at it only if
+    it beats the version holding the alias now on ``metric`` (``direction`` ``min``: lower is better).
+
+    The champion's value is read from its version's source run. The new version always takes the
+    alias when there is no champion yet, when the champion's run lacks the metric, or with
+    ``always``; a tie does not take it. The decision is recorded as tags ``promoted`` and
+    ``promote_reason`` on the new version and on its source run.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
     from mlflow.tracking import MlflowClient
 
-    version = mlflow.register_model(model_uri, registered_name)
-    MlflowClient().set_registered_model_alias(registered_name, alias, version.version)
-    return int(version.version)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    missing = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+    client = MlflowClient()
+    champion_version = champion_value = None
+    champion_note = ""
+    try:
+        aliases = client.get_registered_model(registered_name).aliases
+    except MlflowException as exc:
+        if exc.error_code != missing:
+            raise
+        aliases = {}
+    if alias in aliases:
+        champion = client.get_model_version_by_alias(registered_name, alias)
+        champion_version = int(champion.version)
+        if not champion.run_id:
+            champion_note = "is unknown (the version has no source run)"
+        else:
+            try:
+                champion_value = _number(client.get_run(champion.run_id).data.metrics.get(metric))
+                champion_note = f"{champion.run_id} has no {metric}"
+            except MlflowException as exc:
+                if exc.error_code != missing:
+                    raise
+                champion_note = f"{champion.run_id} no longer exists"
+
+    value = _number(metric_value)
+    promoted, why = _decide(value, metric, direction, champion_version, champion_value, champion_note)
+    if always and not promoted:
+        promoted, why = True, f"mlflow.promote=always ({why})"
+
+    created = mlflow.register_model(model_uri, registered_name)
+    version = int(created.version)
+    if promoted:
+        client.set_registered_model_alias(registered_name, alias, str(version))
+        reason = f"version {version} is '{alias}': {why}"
+    else:
+        reason = f"registered version {version} without '{alias}': {why}"
+    tags = {"promoted": str(promoted).lower(), "promote_reason": reason}
+    for key, text in tags.items():
+        client.set_model_version_tag(registered_name, str(version), key, text)
+        if created.run_id:
+            client.set_tag(created.run_id, key, text)
+    if created.run_id:
+        client.set_tag(created.run_id, "registered_version", str(version))
+    return RegistrationResult(version, promoted, reason, champion_version, champion_value)

@@ -46,6 +46,12 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     model_uri: str | None = None
     registered_version: int | None = None
+    promoted: bool | None = None
+    """Whether the registered version took ``mlflow.alias`` (None: nothing was registered)."""
+    promote_reason: str | None = None
+    """Why it did or did not, e.g. "registered version 3 without 'champion': best_val_loss ..."."""
+    scq_skipped_reason: str | None = None
+    """Why SCQ accuracy was not measured (None: it was); also the MLflow tag ``scq_skipped_reason``."""
 
 
 def connect_ray(cfg) -> None:
@@ -62,11 +68,47 @@ def connect_ray(cfg) -> None:
                  runtime_env={"env_vars": WORKER_ENV})
 
 
-def _scq(cfg, critic, val_dir: str) -> dict[str, float]:
-    from vcritic.evaluate.scq import load_bank, scq_accuracy
+@dataclass
+class ScqPlan:
+    """The SCQ evaluation a run can do: the held-out rows and bank it uses, or why it is skipped."""
 
-    rows = pd.read_parquet(val_dir).head(int(cfg.eval.scq_max_clips)).to_dict("records")
-    return scq_accuracy(critic, rows, load_bank(cfg.eval.scq_bank))
+    rows: list[dict[str, Any]]
+    bank: list[dict[str, Any]]
+    questions: int = 0
+    skipped_reason: str | None = None
+
+
+def scq_plan(cfg, val_dir: str) -> ScqPlan:
+    """Decide whether SCQ runs: only when some of the first ``eval.scq_max_clips`` held-out rows
+    state (in ``facts``) a fact the question bank asks about. A user's own manifest usually has no
+    facts, so SCQ is then skipped with a reason instead of failing the job."""
+    from vcritic.evaluate.scq import load_bank, make_questions
+
+    if not cfg.eval.scq:
+        return ScqPlan([], [], skipped_reason="eval.scq=false")
+    bank = load_bank(cfg.eval.scq_bank)
+    shards = Path(val_dir)
+    has_rows = shards.is_dir() and any(shards.glob("*.parquet"))
+    rows = pd.read_parquet(val_dir).head(int(cfg.eval.scq_max_clips)).to_dict("records") if has_rows else []
+    if not rows:
+        return ScqPlan([], bank, skipped_reason="no held-out (val) rows to ask questions about")
+    try:
+        questions = make_questions(rows, bank)
+    except ValueError as exc:
+        return ScqPlan(rows, bank, skipped_reason=f"question bank {cfg.eval.scq_bank!r} does not fit the data: {exc}")
+    if not questions:
+        facts = ", ".join(sorted({str(e["fact"]) for e in bank}))
+        with_facts = sum(bool(r.get("facts")) and r.get("facts") != "{}" for r in rows)
+        return ScqPlan(rows, bank, skipped_reason=(
+            f"no question source: none of {len(rows)} held-out rows states a fact the question bank "
+            f"{cfg.eval.scq_bank!r} asks about ({facts}); {with_facts} of them have any facts"))
+    return ScqPlan(rows, bank, len(questions))
+
+
+def _scq(critic, plan: ScqPlan) -> dict[str, float]:
+    from vcritic.evaluate.scq import scq_accuracy
+
+    return scq_accuracy(critic, plan.rows, plan.bank)
 
 
 def _untrained_critic(cfg, prepared: PreparedData):
@@ -101,6 +143,7 @@ def _trainer(cfg, prepared: PreparedData, mlflow_target: dict[str, str]):
         "audio_num_codebooks": prepared.audio_num_codebooks,
         "audio_frame_rate": prepared.audio_frame_rate,
         "audio_tokenizer_dir": prepared.audio_tokenizer_dir,
+        "train_rows": int(prepared.counts.get("train", 0)),  # sizes the learning-rate schedule
         "mlflow": mlflow_target,
     }
     return TorchTrainer(
@@ -139,8 +182,12 @@ def run(cfg) -> RunSummary:
         log.info("data: %s", prepared.counts)
 
         metrics: dict[str, float] = {}
-        if cfg.eval.scq:
-            before = _scq(cfg, _untrained_critic(cfg, prepared), prepared.val_dir)
+        plan = scq_plan(cfg, prepared.val_dir)
+        if plan.skipped_reason:
+            log.warning("SCQ skipped: %s", plan.skipped_reason)
+            mlflow.set_tag("scq_skipped_reason", plan.skipped_reason)
+        else:
+            before = _scq(_untrained_critic(cfg, prepared), plan)
             metrics.update({f"{k}_before": v for k, v in before.items()})
             mlflow.log_metrics({f"{k}_before": v for k, v in before.items()})
 
@@ -151,13 +198,19 @@ def run(cfg) -> RunSummary:
         mlflow.log_metrics({"best_val_loss": best_metrics["val_loss"], "best_epoch": best_metrics["epoch"]})
         metrics.update({"best_val_loss": best_metrics["val_loss"], "best_epoch": best_metrics["epoch"]})
 
-        if cfg.eval.scq:
-            after = _scq(cfg, Critic.from_export(export_dir), prepared.val_dir)
+        if not plan.skipped_reason:
+            after = _scq(Critic.from_export(export_dir), plan)
             metrics.update({f"{k}_after": v for k, v in after.items()})
             mlflow.log_metrics({f"{k}_after": v for k, v in after.items()})
 
         mlflow.log_dict(to_dict(cfg), "config.yaml")
         info = log_critic(export_dir)
-        version = register(info.model_uri, cfg.mlflow.registered_model, cfg.mlflow.alias) if cfg.mlflow.register else None
+        version = promoted = reason = None
+        if cfg.mlflow.register:
+            reg = register(info.model_uri, cfg.mlflow.registered_model, cfg.mlflow.alias,
+                           mlflow.get_run(run_id).data.metrics.get(cfg.mlflow.promote_metric),
+                           cfg.mlflow.promote_metric, cfg.mlflow.promote_direction, cfg.mlflow.promote == "always")
+            version, promoted, reason = reg.version, reg.promoted, reg.reason
+            log.info("registry: %s", reason)
     return RunSummary(run_id, uri, cfg.mlflow.experiment, prepared, str(best_dir), float(best_metrics["val_loss"]),
-                      metrics, info.model_uri, version)
+                      metrics, info.model_uri, version, promoted, reason, scq_skipped_reason=plan.skipped_reason)
