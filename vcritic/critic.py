@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from vcritic.data.schema import AudioRef
-from vcritic.models.codebooks import as_frames, undelay
-from vcritic.models.sequence import IGNORE, Streams, build_streams, collate
-from vcritic.protocols import PromptParts
+from vcritic.models.codebooks import undelay
+from vcritic.models.sequence import IGNORE, Heard, Streams, collate, heard_from_columns, heard_streams
+
+__all__ = ["Critic", "Critique", "Heard"]
 
 
 @dataclass
@@ -29,21 +30,6 @@ class Critique:
     speech: np.ndarray  # mono float32 at ``sample_rate`` (empty if no speech was produced)
     sample_rate: int
     audio_tokens: np.ndarray  # int64 [frames, Q]
-
-
-@dataclass
-class Heard:
-    """One clip and prompt, ready to lay out as streams."""
-
-    parts: PromptParts
-    n_music: int
-    music_tokens: np.ndarray | None = None  # [n_music, Q]
-    music_features: np.ndarray | None = None  # [n_music, feature_dim] (vcritic's music encoder)
-    native_features: np.ndarray | None = None  # [frames, D] (the backbone's own encoder)
-
-
-def _present(value) -> bool:
-    return value is not None and len(value) > 0
 
 
 class Critic:
@@ -74,27 +60,14 @@ class Critic:
         cols = music_columns(ref, self.hearing, self.audio_tokenizer)
         parts = prompt_parts(self.tokenizer, self.hearing, self.vocab, persona, context,
                              int(self.meta["model"]["max_prompt_tokens"]))
-        return self._heard(parts, cols)
+        return heard_from_columns(cols, self.vocab, parts)
 
     def heard_row(self, row: dict[str, Any]) -> Heard:
         """The same from a tokenized shard row (``vcritic.data.schema.TOKEN_COLUMNS``)."""
-        parts = PromptParts(list(row["prompt_ids"]), list(row["prompt_tail_ids"]), self.vocab.slot, self.vocab.end)
-        return self._heard(parts, row)
-
-    def _heard(self, parts: PromptParts, cols: dict[str, Any]) -> Heard:
-        q = self.vocab.num_codebooks
-        tokens = as_frames(cols["music_tokens"], q) if _present(cols.get("music_tokens")) else None
-        if _present(cols.get("native_features")):
-            native = np.asarray(cols["native_features"], dtype=np.float32).reshape(int(cols["native_frames"]), -1)
-            return Heard(parts, int(cols["music_positions"]), tokens, None, native)
-        frames = None
-        if _present(cols.get("music_features")):
-            frames = np.asarray(cols["music_features"], dtype=np.float32).reshape(-1, self.vocab.feature_dim)
-        return Heard(parts, len(tokens), tokens, frames, None)
+        return heard_from_columns(row, self.vocab)
 
     def _streams(self, heard: Heard, text: Sequence[int] | None) -> Streams:
-        return build_streams(self.vocab, heard.parts, heard.n_music, heard.music_tokens, text, None,
-                             music_features=heard.music_features, native_features=heard.native_features)
+        return heard_streams(self.vocab, heard, text)
 
     def _logits(self, streams: Streams, with_audio: bool):
         batch = collate([streams], self.vocab)

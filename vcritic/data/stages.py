@@ -43,9 +43,9 @@ def _text_tokenizer(directory: str):
 
 @functools.lru_cache(maxsize=2)
 def _hearing(backbone_json: str):
+    """The backbone's NativeHearing (or None), once per process: it may load a feature extractor."""
     spec = json.loads(backbone_json)
-    return _plugin("backbones", json.dumps({"name": spec["name"], "options": spec.get("options") or {}},
-                                           sort_keys=True)).native_hearing()
+    return plugin("backbones", {"name": spec["name"], "options": spec.get("options") or {}}).native_hearing()
 
 
 @functools.lru_cache(maxsize=2)
@@ -191,15 +191,14 @@ def tokenize(batch: pd.DataFrame, tokenizer_dir: str, audio_spec: dict[str, Any]
     limit, with the seconds cut recorded) and its own prompt layout; any other backbone gets the
     audio tokenizer's ids and frames of the music between vcritic's music tokens.
     """
-    from vcritic.models.build import prompt_parts
+    from vcritic.models.build import make_vocab, prompt_parts
     from vcritic.models.codebooks import as_frames
-    from vcritic.models.sequence import Vocab
 
     text_tok = _text_tokenizer(tokenizer_dir)
     audio_tok = _audio_tokenizer(json.dumps(audio_spec, sort_keys=True), audio_dir)
     hearing = _hearing(json.dumps(backbone_spec, sort_keys=True))
     q = int(audio_tok.num_codebooks)
-    vocab = Vocab.from_tokenizer(text_tok, int(audio_tok.codebook_size), int(audio_tok.feature_dim), q)
+    vocab = make_vocab(text_tok, hearing, int(audio_tok.codebook_size), int(audio_tok.feature_dim), q)
     rate = audio_tok.sample_rate
     out = []
     for row in batch.to_dict("records"):
@@ -248,7 +247,9 @@ def music_columns(ref, hearing, audio_tok) -> dict[str, Any]:
     n = int(hearing.num_audio_tokens(len(feats)))
     ids: list[int] = []
     if hearing.uses_audio_tokens:
-        music = load(audio_tok.sample_rate)[: int(float(hearing.max_seconds) * audio_tok.sample_rate)]
+        # The same cut clip, decoded again only when the tokenizer reads another sample rate.
+        music = samples if audio_tok.sample_rate == int(hearing.sample_rate) else \
+            load(audio_tok.sample_rate)[: int(float(hearing.max_seconds) * audio_tok.sample_rate)]
         grid = as_frames(audio_tok.encode(music), q)
         if len(grid) == 0:
             raise ValueError("the audio tokenizer gave no frames for the music")

@@ -276,10 +276,11 @@ def load_export(export_dir: str | Path, base_models_dir: str | None = None) -> t
         module.load_state_dict({k[len(prefix):]: v for k, v in heads.items() if k.startswith(prefix)})
     if (root / "trunk_extra.safetensors").exists():
         base = critic.trunk.get_base_model()
-        missing = set(load_file(str(root / "trunk_extra.safetensors"))) - {n for n, _ in base.named_parameters()}
+        extra = load_file(str(root / "trunk_extra.safetensors"))
+        missing = set(extra) - {n for n, _ in base.named_parameters()}
         if missing:
             raise ValueError(f"{root}/trunk_extra.safetensors names weights the base model lacks: {sorted(missing)[:5]}")
-        base.load_state_dict(load_file(str(root / "trunk_extra.safetensors")), strict=False)
+        base.load_state_dict(extra, strict=False)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))

@@ -237,6 +237,49 @@ def _present(row: dict, key: str) -> bool:
     return value is not None and len(value) > 0
 
 
+@dataclass
+class Heard:
+    """One clip and its prompt as the critic takes them in, before any critique is laid out."""
+
+    parts: PromptParts
+    n_music: int
+    music_tokens: np.ndarray | None = None  # [n_music, Q]
+    music_features: np.ndarray | None = None  # [n_music, feature_dim] (vcritic's music encoder)
+    native_features: np.ndarray | None = None  # [frames, D] (the backbone's own encoder)
+
+
+def heard_from_columns(cols: dict, vocab: Vocab, parts: PromptParts | None = None,
+                       music_limit: int | None = None) -> Heard:
+    """The music columns of ``vcritic.data.schema.TOKEN_COLUMNS`` (a shard row, or what
+    ``vcritic.data.stages.music_columns`` gives for one clip) as a :class:`Heard`.
+
+    Args:
+        parts: the prompt (None: the row's own ``prompt_ids`` / ``prompt_tail_ids``).
+        music_limit: at most this many music frames for vcritic's music encoder (a native
+            backbone's music was already cut to its own limit in the data stage).
+    """
+    q = vocab.num_codebooks
+    if parts is None:
+        parts = PromptParts(list(cols["prompt_ids"]), list(cols["prompt_tail_ids"]), vocab.slot, vocab.end)
+    tokens = as_frames(cols["music_tokens"], q) if _present(cols, "music_tokens") else None
+    if _present(cols, "native_features"):
+        native = np.asarray(cols["native_features"], dtype=np.float32).reshape(int(cols["native_frames"]), -1)
+        return Heard(parts, int(cols["music_positions"]), tokens, None, native)
+    tokens = (np.zeros((0, q), dtype=np.int64) if tokens is None else tokens)[:music_limit]
+    frames = None
+    if _present(cols, "music_features"):
+        frames = np.asarray(cols["music_features"], dtype=np.float32).reshape(-1, vocab.feature_dim)[: len(tokens)]
+    return Heard(parts, len(tokens), tokens, frames, None)
+
+
+def heard_streams(vocab: Vocab, heard: Heard, target_text_ids: Sequence[int] | None = None,
+                  target_audio_tokens: np.ndarray | None = None, with_speech: bool = True) -> Streams:
+    """:func:`build_streams` for a :class:`Heard` clip and (optionally) its critique."""
+    return build_streams(vocab, heard.parts, heard.n_music, heard.music_tokens, target_text_ids, target_audio_tokens,
+                         with_speech=with_speech, music_features=heard.music_features,
+                         native_features=heard.native_features)
+
+
 def row_streams(row: dict, vocab: Vocab, limits: dict[str, int], with_targets: bool = True,
                 with_speech: bool = True) -> Streams:
     """The streams of one training-shard row (columns: ``vcritic.data.schema.TOKEN_COLUMNS``).
@@ -245,26 +288,12 @@ def row_streams(row: dict, vocab: Vocab, limits: dict[str, int], with_targets: b
     vcritic's music encoder, the music (``music``, in frames); a native backbone's music was cut
     to its own limit in the data stage.
     """
-    q = vocab.num_codebooks
-    parts = PromptParts(list(row["prompt_ids"]), list(row["prompt_tail_ids"]), vocab.slot, vocab.end)
-    native = None
-    if _present(row, "native_features"):
-        native = np.asarray(row["native_features"], dtype=np.float32).reshape(int(row["native_frames"]), -1)
-        n_music = int(row["music_positions"])
-        music = as_frames(row["music_tokens"], q) if _present(row, "music_tokens") else None
-        frames = None
-    else:
-        music = as_frames(row["music_tokens"], q)[: limits["music"]]
-        n_music = len(music)
-        frames = None
-        if _present(row, "music_features"):
-            frames = np.asarray(row["music_features"], dtype=np.float32).reshape(-1, vocab.feature_dim)[:n_music]
+    heard = heard_from_columns(row, vocab, music_limit=limits["music"])
     target_text = truncate(row["target_text_ids"], limits["text"]) if with_targets else None
     speech = None
     if with_targets and _present(row, "target_audio_tokens"):  # rows without a spoken critique train text only
-        speech = as_frames(row["target_audio_tokens"], q)[: limits["audio"]]
-    return build_streams(vocab, parts, n_music, music, target_text, speech, with_speech=with_speech,
-                         music_features=frames, native_features=native)
+        speech = as_frames(row["target_audio_tokens"], vocab.num_codebooks)[: limits["audio"]]
+    return heard_streams(vocab, heard, target_text, speech, with_speech)
 
 
 def batch_from_rows(rows: Sequence[dict], vocab: Vocab, limits: dict[str, int], with_speech: bool = True) -> dict[str, torch.Tensor]:
