@@ -5,6 +5,11 @@ Outputs go to ``<output_dir>/prepared/<fingerprint>/``; the fingerprint covers t
 bytes and every setting that changes the result, so a rerun with the same inputs reuses
 the finished directory and a changed input gets a new one. Work happens in a ``.partial``
 directory renamed at the end, so an interrupted run never leaves half-written shards.
+
+``run.output_dir`` may be a URI (``s3://bucket/prefix``): the shards are then written there by the
+Ray Data tasks, the small files (audio tokenizer, from-scratch backbone, quarantine) are built in
+this node's staging directory and uploaded, and ``prepared.json`` is uploaded last, as the mark that
+the prepared data is complete. ``vcritic/storage.py`` says which file lives where.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
+from vcritic import storage
 from vcritic.config import to_dict
 from vcritic.data import audio, demo, stages
 from vcritic.data.dedup import drop_duplicates
@@ -53,14 +59,77 @@ class PreparedData:
     audio_num_codebooks: int = 1
     music_seconds_cut: float = 0.0
     """Seconds of music cut off clips longer than a natively hearing backbone's limit (summed)."""
+    local_root: str = ""
+    """This node's copy of the small files (``audio_tokenizer_dir``, the quarantine, a from-scratch
+    backbone); the same directory as ``root`` when ``run.output_dir`` is local."""
+    shared_audio_tokenizer_dir: str = ""
+    """``audio_tokenizer_dir`` in ``run.output_dir`` (a URI there), for workers on other nodes:
+    ``storage.local_copy(shared_audio_tokenizer_dir)`` gives a local directory anywhere."""
+    shared_backbone_dir: str = ""
+    """A from-scratch backbone's directory in ``run.output_dir`` (like the above); "" when the
+    backbone is the user's own checkpoint (``backbone_spec`` then names its path)."""
 
     @classmethod
     def load(cls, root: Path) -> PreparedData:
         return cls(**json.loads((root / "prepared.json").read_text()))
 
 
+def _placed(data: dict[str, Any], stored: storage.Location, local_root: Path) -> PreparedData:
+    """``data`` (a prepared.json) with every path pointing at ``stored`` and this node's
+    ``local_root``, so a copy prepared on another machine is usable here."""
+    data = {**data, "backbone_spec": {**data["backbone_spec"], "options": dict(data["backbone_spec"]["options"])}}
+    if data["backbone_spec"].get("from_scratch"):
+        data["backbone_spec"]["options"]["path"] = str(local_root / "base")
+        data["shared_backbone_dir"] = stored.join("base").uri
+    data.update(root=stored.uri, train_dir=stored.join("train").uri, val_dir=stored.join("val").uri,
+                quarantine_path=str(local_root / "quarantine.jsonl"), duplicates_path=str(local_root / "duplicates.jsonl"),
+                audio_tokenizer_dir=str(local_root / "audio_tokenizer"), local_root=str(local_root),
+                shared_audio_tokenizer_dir=stored.join("audio_tokenizer").uri)
+    return PreparedData(**data)
+
+
+SMALL_FILES = ("audio_tokenizer", "base", "quarantine.jsonl", "duplicates.jsonl")
+"""What this node keeps a copy of under ``local_root`` (the shards stay in the storage)."""
+
+
+def _reuse(stored: storage.Location, local_root: Path) -> PreparedData | None:
+    """The finished prepared data at ``stored``, with this node's copy of its small files fetched
+    when missing; None when there is none (``prepared.json`` is written last)."""
+    marker = stored.join("prepared.json")
+    if not storage.exists(marker):
+        return None
+    data = json.loads(storage.read_text(marker))
+    if not stored.is_local and not (local_root / "prepared.json").exists():
+        work = local_root.with_name(local_root.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for name in SMALL_FILES:
+            if storage.exists(stored.join(name)):
+                if name.endswith(".jsonl"):
+                    (work / name).write_text(storage.read_text(stored.join(name)))
+                else:
+                    storage.download_dir(stored.join(name), work / name)
+        (work / "prepared.json").write_text(json.dumps(data, indent=2))
+        shutil.rmtree(local_root, ignore_errors=True)
+        work.rename(local_root)
+    log.info("reusing prepared data in %s", stored.uri)
+    return _placed(data, stored, local_root)
+
+
+def _tokenize_on_any_node(batch: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
+    """``stages.tokenize`` where its directories may be URIs: each task's node copies them once."""
+    spec = kwargs["backbone_spec"]
+    kwargs.update(tokenizer_dir=storage.local_copy(kwargs["tokenizer_dir"]),
+                  audio_dir=storage.local_copy(kwargs["audio_dir"]),
+                  backbone_spec={**spec, "options": {**spec["options"],
+                                                     "path": storage.local_copy(str(spec["options"].get("path", "")))}}
+                  if spec["options"].get("path") else spec)
+    return stages.tokenize(batch, **kwargs)
+
+
 def manifest_path(cfg) -> Path:
-    """The configured manifest, or the demo set (generated once) under ``run.output_dir``."""
+    """The configured manifest, or the demo set (generated once) in the local staging dir
+    (``run.output_dir`` itself when it is a local path)."""
     if cfg.data.manifest:
         path = Path(cfg.data.manifest)
         if not path.exists():
@@ -68,7 +137,8 @@ def manifest_path(cfg) -> Path:
                                     f"or leave it unset for the demo set")
         return path
     d = cfg.data.demo
-    return Path(demo.generate(Path(cfg.run.output_dir) / "demo_data", songs=d.songs, clips_per_song=d.clips_per_song,
+    staging = storage.staging_dir(storage.resolve_output_dir(str(cfg.run.output_dir)))
+    return Path(demo.generate(staging / "demo_data", songs=d.songs, clips_per_song=d.clips_per_song,
                               clip_seconds=d.clip_seconds, hum_seconds=d.hum_seconds, near_duplicates=d.near_duplicates,
                               bad_rows=d.bad_rows, sample_rate=cfg.data.sample_rate, seed=cfg.run.seed))
 
@@ -179,13 +249,17 @@ def _write_jsonl(df: pd.DataFrame, path: Path) -> None:
 def prepare(cfg) -> PreparedData:
     """Run the whole data stage (or reuse its finished output). Needs a running Ray."""
     manifest = manifest_path(cfg)
-    root = Path(cfg.run.output_dir).resolve() / "prepared" / fingerprint(cfg, manifest)
-    if (root / "prepared.json").exists():
-        log.info("reusing prepared data in %s", root)
-        return PreparedData.load(root)
+    output = storage.resolve_output_dir(str(cfg.run.output_dir))
+    fp = fingerprint(cfg, manifest)
+    stored = storage.location(output).join("prepared", fp)  # the durable copy
+    root = storage.staging_dir(output) / "prepared" / fp  # this node's copy (== stored when local)
+    if (done := _reuse(stored, root)) is not None:
+        return done
     work = root.with_name(root.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if not stored.is_local:
+        storage.delete_dir(stored)  # leftovers of an interrupted run (prepared.json is written last)
     sr = int(cfg.data.sample_rate)
 
     rows = _read(manifest).materialize()
@@ -215,19 +289,28 @@ def prepare(cfg) -> PreparedData:
     backbone_spec = materialize_backbone(to_dict(cfg.model.backbone), _corpus(train_rows), work / "base")
     # The backbone was saved under .partial; point at where it will live after the rename.
     stage_backbone = {"name": backbone_spec["name"], "options": dict(backbone_spec["options"])}
+    audio_dir = str(work / "audio_tokenizer")
+    if not stored.is_local:
+        # The tokenize tasks may run on any node: they read these from the storage.
+        storage.upload_dir(work / "audio_tokenizer", stored.join("audio_tokenizer"))
+        audio_dir = stored.join("audio_tokenizer").uri
     if backbone_spec.get("from_scratch"):
         backbone_spec["options"]["path"] = str(root / "base")
         stage_backbone["options"]["path"] = tokenizer_dir = str(work / "base")
+        if not stored.is_local:
+            storage.upload_dir(work / "base", stored.join("base"))
+            stage_backbone["options"]["path"] = tokenizer_dir = stored.join("base").uri
     else:
         tokenizer_dir = backbone_spec["options"]["path"]
 
-    tokenized = kept.map_batches(stages.tokenize, batch_format="pandas", batch_size=16, fn_kwargs={
+    tokenized = kept.map_batches(_tokenize_on_any_node, batch_format="pandas", batch_size=16, fn_kwargs={
         "tokenizer_dir": tokenizer_dir, "audio_spec": to_dict(cfg.model.audio_tokenizer),
-        "audio_dir": str(work / "audio_tokenizer"), "backbone_spec": stage_backbone,
+        "audio_dir": audio_dir, "backbone_spec": stage_backbone,
         "max_prompt_tokens": int(cfg.model.max_prompt_tokens)}).materialize()
     ok = tokenized.filter(expr=col("error") == "").drop_columns(["error", "stage", "raw"])
     for split in ("train", "val"):
-        ok.filter(expr=col("split") == split).write_parquet(str(work / split))
+        shards = stored.join(split) if not stored.is_local else storage.location(str(work / split))
+        ok.filter(expr=col("split") == split).write_parquet(shards.path, filesystem=shards.fs)
 
     bad = pd.concat([checked.filter(expr=col("error") != "").to_pandas(),
                      tokenized.filter(expr=col("error") != "").to_pandas()], ignore_index=True)
@@ -244,16 +327,19 @@ def prepare(cfg) -> PreparedData:
     if clips_cut:
         log.warning("%d clips were longer than the backbone's audio limit and were cut (%.1f s of music dropped)",
                     clips_cut, seconds_cut)
-    prepared = PreparedData(
-        root=str(root), train_dir=str(root / "train"), val_dir=str(root / "val"),
-        quarantine_path=str(root / "quarantine.jsonl"), duplicates_path=str(root / "duplicates.jsonl"),
+    prepared = _placed(asdict(PreparedData(
+        root="", train_dir="", val_dir="", quarantine_path="", duplicates_path="",
         backbone_spec=backbone_spec, audio_tokenizer_spec=to_dict(cfg.model.audio_tokenizer),
-        audio_tokenizer_dir=str(root / "audio_tokenizer"), audio_codes=int(audio_tok.codebook_size),
+        audio_tokenizer_dir="", audio_codes=int(audio_tok.codebook_size),
         audio_feature_dim=int(audio_tok.feature_dim),
         audio_frame_rate=float(audio_tok.frame_rate), counts=counts, manifest=str(manifest.resolve()),
         audio_num_codebooks=int(audio_tok.num_codebooks), music_seconds_cut=seconds_cut,
-    )
+    )), stored, root)
     (work / "prepared.json").write_text(json.dumps(asdict(prepared), indent=2))
+    if not stored.is_local:
+        for name in ("quarantine.jsonl", "duplicates.jsonl"):
+            storage.write_text(stored.join(name), (work / name).read_text())
+        storage.write_text(stored.join("prepared.json"), (work / "prepared.json").read_text())  # last: complete
     shutil.rmtree(root, ignore_errors=True)
     work.rename(root)
     return prepared
