@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from vcritic import registry
@@ -18,13 +17,16 @@ def _split_preset(args: list[str]) -> tuple[str, list[str]]:
 
 def train_main(args: list[str]) -> int:
     """Run the training job; prints where results went. Returns a process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     preset, overrides = _split_preset(args)
     try:
         cfg = load(preset, overrides)
     except ConfigError as exc:
         print(f"vcritic: config error: {exc}", file=sys.stderr)
         return 2
+    from vcritic import progress
+
+    # Before the driver's imports, so what libraries log as they load goes to the file too.
+    progress.setup_logging(cfg, owner=train_main)
     from vcritic.train.driver import run
 
     summary = run(cfg)
@@ -49,6 +51,7 @@ def train_main(args: list[str]) -> int:
         where = f"models:/{name}@{alias}" if summary.promoted else f"models:/{name}/{summary.registered_version}"
         print(f"registered     : {where} (version {summary.registered_version})")
         print(f"promotion      : {summary.promote_reason}")
+    print(f"log file       : {progress.log_file()}")
     return 0
 
 
