@@ -31,7 +31,13 @@ class RunConfig:
     """Run name in MLflow and Ray Train."""
     seed: int = 0
     output_dir: str = "vcritic_runs"
-    """Where prepared data, Ray Train results and reports go (relative to the working directory)."""
+    """Where prepared data, Ray Train results and reports go: a local path (relative to the working
+    directory; under `ray job submit`, relative to $VCRITIC_HOME, default ~/.vcritic) or a pyarrow
+    filesystem URI such as s3://bucket/prefix for storage every node reaches (vcritic/storage.py)."""
+    resume: bool = True
+    """Continue an unfinished run of the same ``run.name`` (same MLflow experiment, same storage,
+    same training-relevant config) from its latest checkpoint: a rerun of a killed job's command
+    picks up where it stopped. False always starts a new run."""
 
 
 @dataclass
@@ -45,7 +51,8 @@ class RayConfig:
 @dataclass
 class MlflowConfig:
     tracking_uri: str | None = None
-    """None → sqlite:///mlflow.db in the working directory."""
+    """None → $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory (under
+    `ray job submit`: $VCRITIC_HOME/mlflow.db, default ~/.vcritic). On a cluster: an MLflow server."""
     experiment: str = "vcritic"
     registered_model: str = "vcritic-critic"
     alias: str = "champion"
@@ -149,6 +156,17 @@ class TrainConfig:
     log_every_steps: int = 5
     """Optimizer steps between training-metric writes to MLflow."""
     checkpoints_to_keep: int = 2
+    """Epoch-end checkpoints kept (best val_loss first); the latest checkpoint is always kept too."""
+    checkpoint_every_steps: int | None = None
+    """Also checkpoint every this many optimizer steps inside an epoch, with the data position
+    (which examples this epoch has consumed), so a restart repeats and skips no example and loses
+    at most this many steps. None: epoch ends only. Training metrics reach MLflow at checkpoints."""
+    max_failures: int = 0
+    """Restarts of the worker group after a worker or node dies (Ray Train's FailureConfig); each
+    restart resumes from the latest checkpoint. -1: no limit."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each train worker asks for, e.g. {accelerator_type:A800: 0.001} or a custom
+    node label resource, to place workers on particular nodes."""
     resume_from: str | None = None
     """A Ray Train checkpoint directory to start from (a restarted run resumes by itself)."""
     max_steps_per_epoch: int | None = None
@@ -245,6 +263,10 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"train.lr_schedule must be 'cosine' or 'constant', got {cfg.train.lr_schedule!r}")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    if cfg.train.checkpoint_every_steps is not None and cfg.train.checkpoint_every_steps < 1:
+        raise ConfigError(f"train.checkpoint_every_steps must be at least 1 (or null), got {cfg.train.checkpoint_every_steps}")
+    if cfg.train.max_failures < -1:
+        raise ConfigError(f"train.max_failures must be -1 (no limit) or >= 0, got {cfg.train.max_failures}")
     if cfg.train.shuffle_buffer_rows < 1:
         raise ConfigError(f"train.shuffle_buffer_rows must be at least 1, got {cfg.train.shuffle_buffer_rows}")
     if cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:

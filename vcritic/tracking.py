@@ -13,20 +13,51 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 def tracking_uri(configured: str | None) -> str:
     """The configured URI, else ``$MLFLOW_TRACKING_URI``, else an absolute sqlite file in the
-    working directory (absolute so Ray workers, whose working directory differs, log to it too)."""
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    working directory (absolute so Ray workers, whose working directory differs, log to it too).
+
+    Under ``ray job submit`` the working directory is Ray's temporary copy, deleted with the
+    session: the default file is then ``$VCRITIC_HOME/mlflow.db`` (``~/.vcritic/mlflow.db``), and
+    a relative ``sqlite:///`` path is refused with the fix. For jobs on a cluster, an MLflow
+    tracking server is the way (clusters/README.md).
+    """
+    import logging
+
+    from vcritic import storage
+
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    in_job = storage.in_ray_job()
+    if not uri:
+        if not in_job:
+            return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        db = storage.home() / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger(__name__).warning(
+            "running under a Ray job with no mlflow.tracking_uri or MLFLOW_TRACKING_URI: tracking to %s on this "
+            "node (look at it with `mlflow ui --backend-store-uri sqlite:///%s`); for a cluster, pass "
+            "mlflow.tracking_uri=http://<mlflow server>:5000", db, db)
+        return f"sqlite:///{db}"
+    db_path = storage.sqlite_path(uri)
+    if in_job and db_path is not None and not Path(db_path).is_absolute():
+        raise ValueError(
+            f"mlflow tracking URI {uri!r} is a relative sqlite path; under a Ray job it would be created in Ray's "
+            f"temporary copy of the working directory and deleted with the Ray session. Pass an absolute one "
+            f"(sqlite:////abs/path/mlflow.db, four slashes) or a tracking server (http://host:5000)")
+    return uri
 
 
 class RankZeroLogger:
-    """Logs into an existing run from a training worker; a no-op on every other rank."""
+    """Logs into an existing run from a training worker; a no-op on every other rank.
 
-    def __init__(self, target: dict[str, str], enabled: bool) -> None:
+    ``buffered``: metrics wait in memory until :meth:`flush` (the loop flushes once a checkpoint
+    holding their steps is saved), so steps redone after a restart are never logged twice.
+    """
+
+    def __init__(self, target: dict[str, str], enabled: bool, buffered: bool = False) -> None:
         self.enabled = enabled and bool(target.get("run_id"))
         self.run_id = target.get("run_id")
+        self.buffered = buffered
+        self.pending: list[Any] = []
+        self.pending_params: list[Any] = []
         if self.enabled:
             from mlflow.tracking import MlflowClient
 
@@ -40,14 +71,29 @@ class RankZeroLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if not self.buffered:
+            self.flush()
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Param
 
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self.pending_params.extend(Param(k, str(v)) for k, v in params.items())
+        if not self.buffered:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending (MLflow takes at most 1000 metrics per batch)."""
+        if not self.enabled:
+            return
+        if self.pending_params:
+            self.client.log_batch(self.run_id, params=self.pending_params)
+            self.pending_params = []
+        while self.pending:
+            chunk, self.pending = self.pending[:1000], self.pending[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
 
 
 def code_paths() -> list[str]:

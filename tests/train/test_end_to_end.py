@@ -3,6 +3,8 @@
 One run (module fixture, ~2-3 min on 2 CPU cores) feeds every assertion below.
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -45,9 +47,11 @@ def job(tmp_path_factory):
         f"mlflow.registered_model={REGISTERED}", "train.checkpoints_to_keep=3", "train.log_every_steps=1",
         "eval.scq_max_clips=6", "run.name=e2e",
     ])
-    summary = driver.run(cfg)
+    console = io.StringIO()  # what the job prints (its live display, warnings) while it runs
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        summary = driver.run(cfg)
     mlflow.set_tracking_uri(uri)
-    yield {"summary": summary, "cfg": cfg, "root": root, "site": site, "uri": uri}
+    yield {"summary": summary, "cfg": cfg, "root": root, "site": site, "uri": uri, "console": console.getvalue()}
     ray.shutdown()
     sys.path.remove(str(site))
 
@@ -57,6 +61,21 @@ def history(job, key):
 
     client = MlflowClient(job["uri"])
     return [m.value for m in sorted(client.get_metric_history(job["summary"].run_id, key), key=lambda m: m.step)]
+
+
+def test_the_console_is_short_and_the_log_file_has_the_details(job):
+    """A few status lines on the console; Ray Data's and vcritic's INFO lines in the run's log file."""
+    from vcritic import progress
+
+    lines = job["console"].splitlines()
+    assert len(lines) < 60, job["console"][-3000:]
+    log_file = progress.log_file()
+    assert log_file is not None and log_file.parent == (job["root"] / "runs" / "logs").resolve()
+    assert f"log file: {log_file}" in job["console"] and "Ray worker logs: " in job["console"]
+    assert any(line.startswith("done: preparing data") and "rows/s" in line for line in lines), lines
+    assert any(line.startswith("done: training") for line in lines), lines
+    text = log_file.read_text()
+    assert "Execution plan of Dataset" in text and "vcritic.train.driver: data: " in text
 
 
 def test_bad_rows_are_quarantined_with_reasons_and_the_job_goes_on(job):

@@ -11,16 +11,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import ray
 
+from vcritic import progress, storage
 from vcritic.config import flatten, to_dict
 from vcritic.data.pipeline import PreparedData, prepare
 from vcritic.tracking import log_critic, register, tracking_uri
+from vcritic.train.loop import RANK_KEY, MlflowTarget, PreparedInputs, WorkerTask
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class RunSummary:
     """Why it did or did not, e.g. "registered version 3 without 'champion': best_val_loss ..."."""
     scq_skipped_reason: str | None = None
     """Why SCQ accuracy was not measured (None: it was); also the MLflow tag ``scq_skipped_reason``."""
+    train_history: dict[str, Any] = field(default_factory=dict)
+    """Worker-group starts, optimizer steps run and resume points (see :func:`_train_history`)."""
 
 
 def connect_ray(cfg) -> None:
@@ -60,11 +62,12 @@ def connect_ray(cfg) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # Worker output stays in Ray's log files (the console prints where), not in the driver's.
+        ray.init(address=address, log_to_driver=False)
     else:
         # "local" always starts a new instance; a bare ray.init() would attach to any Ray
         # already running on this machine.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": WORKER_ENV})
 
 
@@ -87,9 +90,7 @@ def scq_plan(cfg, val_dir: str) -> ScqPlan:
     if not cfg.eval.scq:
         return ScqPlan([], [], skipped_reason="eval.scq=false")
     bank = load_bank(cfg.eval.scq_bank)
-    shards = Path(val_dir)
-    has_rows = shards.is_dir() and any(shards.glob("*.parquet"))
-    rows = pd.read_parquet(val_dir).head(int(cfg.eval.scq_max_clips)).to_dict("records") if has_rows else []
+    rows = storage.read_parquet_rows(val_dir, int(cfg.eval.scq_max_clips))  # local or a URI
     if not rows:
         return ScqPlan([], bank, skipped_reason="no held-out (val) rows to ask questions about")
     try:
@@ -125,41 +126,97 @@ def _untrained_critic(cfg, prepared: PreparedData):
     return Critic(model, tokenizer, audio_tok, {"model": to_dict(cfg.model)})
 
 
-def _trainer(cfg, prepared: PreparedData, mlflow_target: dict[str, str]):
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def prepared_inputs(prepared: PreparedData) -> PreparedInputs:
+    """The typed record of what data preparation produced that every train worker needs.
+
+    With a URI ``run.output_dir`` the directories are the shared copies (URIs), which each
+    worker fetches once per node (``storage.local_copy``), wherever Ray placed it."""
+    spec = {**prepared.backbone_spec, "options": dict(prepared.backbone_spec["options"])}
+    if prepared.shared_backbone_dir:
+        spec["options"]["path"] = prepared.shared_backbone_dir
+    return PreparedInputs(
+        backbone_spec=spec, audio_codes=int(prepared.audio_codes),
+        audio_feature_dim=int(prepared.audio_feature_dim), audio_num_codebooks=int(prepared.audio_num_codebooks),
+        audio_frame_rate=float(prepared.audio_frame_rate),
+        audio_tokenizer_dir=str(prepared.shared_audio_tokenizer_dir or prepared.audio_tokenizer_dir),
+        train_rows=int(prepared.counts.get("train", 0)))
+
+
+def _trainer(cfg, prepared: PreparedData, mlflow_target: dict[str, str], board=None, name: str | None = None):
+    """The Ray Train trainer of this run. ``name`` (default ``run.name``) names its folder in the
+    storage: a trainer with the same storage and name resumes from that folder's latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from vcritic.train.loop import train_loop_per_worker
 
     t = cfg.train
-    resources = {"CPU": float(t.cpus_per_worker)}
+    resources = {"CPU": float(t.cpus_per_worker), **{k: float(v) for k, v in t.worker_resources.items()}}
     if t.use_gpu:
         resources["GPU"] = float(t.gpus_per_worker)
-    payload: dict[str, Any] = {
-        "cfg": to_dict(cfg),
-        "backbone_spec": prepared.backbone_spec,
-        "audio_codes": prepared.audio_codes,
-        "audio_feature_dim": prepared.audio_feature_dim,
-        "audio_num_codebooks": prepared.audio_num_codebooks,
-        "audio_frame_rate": prepared.audio_frame_rate,
-        "audio_tokenizer_dir": prepared.audio_tokenizer_dir,
-        "train_rows": int(prepared.counts.get("train", 0)),  # sizes the learning-rate schedule
-        "mlflow": mlflow_target,
-    }
+    task = WorkerTask(config=to_dict(cfg), inputs=prepared_inputs(prepared),
+                      mlflow=MlflowTarget(mlflow_target["tracking_uri"], mlflow_target.get("run_id") or ""), board=board)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=payload,
+        train_loop_config={"task": task},
         scaling_config=ScalingConfig(num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=str(Path(cfg.run.output_dir).resolve() / "ray_results"),
+            name=name or cfg.run.name,
+            storage_path=storage.train_storage_path(cfg),  # absolute, or a URI such as s3://bucket/prefix
+            # Epoch ends rank by val_loss, mid-epoch checkpoints last (loop.RANK_KEY); the latest
+            # checkpoint is always kept, so a restart finds it.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=int(t.checkpoints_to_keep), checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+                num_to_keep=int(t.checkpoints_to_keep), checkpoint_score_attribute=RANK_KEY, checkpoint_score_order="min"
             ),
+            failure_config=FailureConfig(max_failures=int(t.max_failures)),
             worker_runtime_env={"env_vars": WORKER_ENV},
         ),
         datasets={"train": ray.data.read_parquet(prepared.train_dir), "val": ray.data.read_parquet(prepared.val_dir)},
     )
+
+
+# Settings that may change between a killed run and the command that resumes it.
+RESUME_NEUTRAL = ("ray", "mlflow.tracking_uri", "run.resume", "train.num_workers", "train.use_gpu",
+                  "train.cpus_per_worker", "train.gpus_per_worker", "train.max_failures", "train.worker_resources",
+                  "train.resume_from", "train.log_every_steps")
+
+
+def run_key(cfg) -> str:
+    """Identity of a run for resuming: its name, storage and every training-relevant setting."""
+    import hashlib
+    import json
+
+    data = to_dict(cfg)
+    for dotted in RESUME_NEUTRAL:
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    data["storage"] = storage.resolve_output_dir(str(cfg.run.output_dir))
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unfinished_run(cfg, key: str) -> str | None:
+    """The MLflow run id of the newest unfinished run (killed, failed or still marked running)
+    with this :func:`run_key`, which a rerun of the same command continues."""
+    if not cfg.run.resume:
+        return None
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        return None
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list", max_results=1,
+                              filter_string=f"tags.`vcritic.run_key` = '{key}' and attributes.status != 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def _log_new_metrics(metrics: dict[str, float]) -> None:
+    """Log what the active run does not hold yet (a resumed run keeps its earlier values once)."""
+    have = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
+    new = {k: float(v) for k, v in metrics.items() if k not in have}
+    if new:
+        mlflow.log_metrics(new)
 
 
 def run(cfg) -> RunSummary:
@@ -169,14 +226,25 @@ def run(cfg) -> RunSummary:
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     connect_ray(cfg)
+    storage.resolve_run_output(cfg)  # logs where outputs go (under $VCRITIC_HOME for a relative one in a Ray job)
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
-    with mlflow.start_run(run_name=cfg.run.name) as active:
+    storage.set_experiment(cfg.mlflow.experiment, uri)  # artifacts kept outside Ray's working-dir copy
+    key = run_key(cfg)
+    resume_id = unfinished_run(cfg, key)
+    with (mlflow.start_run(run_id=resume_id, run_name=None if resume_id else cfg.run.name) as active,
+          progress.console(cfg) as con):  # live status line; logs to the run's log file
         run_id = active.info.run_id
-        mlflow.log_params(flatten(cfg))
+        if resume_id:
+            log.warning("continuing unfinished MLflow run %s (same run.name, storage and settings; "
+                        "run.resume=false starts afresh)", run_id)
+        else:
+            mlflow.set_tag("vcritic.run_key", key)
+            mlflow.log_params(flatten(cfg))
+        con.stage("preparing data")
         prepared = prepare(cfg)
-        mlflow.log_metrics({f"data_{k}": float(v) for k, v in prepared.counts.items()})
+        con.rows(prepared.counts["input"])
+        _log_new_metrics({f"data_{k}": float(v) for k, v in prepared.counts.items()})
         mlflow.log_artifact(prepared.quarantine_path, "data")
         mlflow.log_artifact(prepared.duplicates_path, "data")
         log.info("data: %s", prepared.counts)
@@ -187,22 +255,37 @@ def run(cfg) -> RunSummary:
             log.warning("SCQ skipped: %s", plan.skipped_reason)
             mlflow.set_tag("scq_skipped_reason", plan.skipped_reason)
         else:
-            before = _scq(_untrained_critic(cfg, prepared), plan)
+            con.stage("SCQ before")
+            have = mlflow.get_run(run_id).data.metrics
+            before = ({k[: -len("_before")]: v for k, v in have.items() if k.endswith("_before")}
+                      if "scq_accuracy_before" in have else _scq(_untrained_critic(cfg, prepared), plan))
             metrics.update({f"{k}_before": v for k, v in before.items()})
-            mlflow.log_metrics({f"{k}_before": v for k, v in before.items()})
+            _log_new_metrics({f"{k}_before": v for k, v in before.items()})
 
-        result = _trainer(cfg, prepared, {"tracking_uri": uri, "run_id": run_id}).fit()
-        best, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"])
-        best_dir = best.path
-        export_dir = Path(best_dir) / "export"
+        # One Ray Train folder per MLflow run: a rerun that continues this run resumes its checkpoints.
+        con.stage("training")
+        result = _trainer(cfg, prepared, {"tracking_uri": uri, "run_id": run_id},
+                          name=f"{cfg.run.name}-{run_id[:8]}", board=con.board).fit()
+        history = _train_history(con.board)
+        if history.get("starts"):
+            redone = int(history["steps_run"]) - int(result.metrics.get("global_step", 0)) + int(history["resumed_from"][0])
+            history["steps_redone"] = redone
+            _log_new_metrics({"train_starts": history["starts"], "train_steps_redone": redone,
+                              "train_resumed_from_step": int(history["resumed_from"][0])})
+        epoch_ends = [(c, m) for c, m in result.best_checkpoints if not m.get("mid_epoch")]
+        best, best_metrics = min(epoch_ends, key=lambda cm: cm[1]["val_loss"])
+        best_dir = storage.checkpoint_uri(best)
+        export_dir = storage.local_export_dir(best, cfg)  # downloaded first when the storage is remote
         mlflow.log_metrics({"best_val_loss": best_metrics["val_loss"], "best_epoch": best_metrics["epoch"]})
         metrics.update({"best_val_loss": best_metrics["val_loss"], "best_epoch": best_metrics["epoch"]})
 
         if not plan.skipped_reason:
+            con.stage("SCQ after")
             after = _scq(Critic.from_export(export_dir), plan)
             metrics.update({f"{k}_after": v for k, v in after.items()})
             mlflow.log_metrics({f"{k}_after": v for k, v in after.items()})
 
+        con.stage("registering")
         mlflow.log_dict(to_dict(cfg), "config.yaml")
         info = log_critic(export_dir)
         version = promoted = reason = None
@@ -213,4 +296,16 @@ def run(cfg) -> RunSummary:
             version, promoted, reason = reg.version, reg.promoted, reg.reason
             log.info("registry: %s", reason)
     return RunSummary(run_id, uri, cfg.mlflow.experiment, prepared, str(best_dir), float(best_metrics["val_loss"]),
-                      metrics, info.model_uri, version, promoted, reason, scq_skipped_reason=plan.skipped_reason)
+                      metrics, info.model_uri, version, promoted, reason, scq_skipped_reason=plan.skipped_reason,
+                      train_history=history)
+
+
+def _train_history(board) -> dict[str, Any]:
+    """The board's record of training over all attempts: ``starts`` (worker-group starts, so
+    restarts = starts - 1), ``steps_run`` (optimizer steps taken, redone ones included) and
+    ``resumed_from`` (the step each start continued from). Empty when the board is gone."""
+    try:
+        return ray.get(board.history.remote(), timeout=30) if board is not None else {}
+    except Exception:  # the live display's board is not worth failing a finished run over
+        log.warning("progress board unavailable; restart counts are not in the summary", exc_info=True)
+        return {}
