@@ -22,7 +22,8 @@ def ray_local():
 
     if ray.is_initialized():  # a leftover from a test that did not clean up
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # "local": a new instance even when another Ray (a `ray start --head`) runs on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # keeps pytest output readable
     yield ray

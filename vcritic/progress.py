@@ -73,6 +73,7 @@ class Board:
         self._tokens = 0
         self._val_losses: dict[int, float] = {}
         self._window: deque[tuple[float, int, int]] = deque(maxlen=RATE_WINDOW)
+        self._attempt_first: tuple[float, int] | None = None  # (time, step) of this attempt's first step
 
     # driver side
 
@@ -102,6 +103,7 @@ class Board:
         self._resumed_from.append(resumed)
         self._step = resumed
         self._window.clear()
+        self._attempt_first = None
 
     def train_step(self, epoch: int, step: int, loss: float, examples: int, tokens: int) -> None:
         """One optimizer step: ``examples``/``tokens`` are those of this step (all ranks or rank 0's)."""
@@ -110,6 +112,8 @@ class Board:
         self._examples += int(examples)
         self._tokens += int(tokens)
         self._window.append((time.time(), int(step), int(examples)))
+        if self._attempt_first is None:
+            self._attempt_first = (time.time(), int(step))
 
     def epoch_done(self, epoch: int, val_loss: float) -> None:
         self._val_losses[int(epoch)] = float(val_loss)
@@ -127,8 +131,12 @@ class Board:
                 examples_per_s = sum(e for _, _, e in list(self._window)[1:]) / (t1 - t0)
         total = self._attempt.get("total_steps")
         eta = None
-        if steps_per_s and total is not None and self._step is not None:
-            eta = max(int(total) - self._step, 0) / steps_per_s
+        # ETA from this attempt's average pace since its first step, so the time spent on
+        # validation and checkpoints between epochs counts too (the window above would miss it).
+        if self._attempt_first is not None and total is not None and self._step is not None:
+            t0, s0 = self._attempt_first
+            if self._step > s0 and now > t0:
+                eta = max(int(total) - self._step, 0) * (now - t0) / (self._step - s0)
         stage_s = now - self._stage_started
         return {
             "elapsed_s": now - self._started,

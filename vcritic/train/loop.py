@@ -423,7 +423,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     from vcritic.train.ds_config import deepspeed_config
 
     task: WorkerTask = payload["task"]
-    cfg, board = from_dict(task.config), task.board
+    from vcritic.progress import BoardClient
+
+    # Never raises, and stops calling (warning once) if the driver's board is gone.
+    cfg, board = from_dict(task.config), BoardClient(task.board)
     inputs = _on_this_node(task.inputs)
     t = cfg.train
     ctx = ray.train.get_context()
