@@ -83,4 +83,13 @@ def test_buffered_metrics_reach_mlflow_only_on_flush(tmp_path):
     assert sorted(m.step for m in history) == list(range(1, 1201))
     logger.flush()  # nothing pending: nothing repeated
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1200
+    # A restarted worker skips the steps the run already holds (they may be redone after a
+    # checkpoint that was uploaded but never registered).
+    again = RankZeroLogger({"tracking_uri": uri, "run_id": run.info.run_id}, enabled=True, buffered=True)
+    assert again.resume() == 1200
+    again.log_metrics({"train_loss": 9.0}, 1199)
+    again.log_metrics({"train_loss": 0.5}, 1201)
+    again.flush()
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert len(steps) == len(set(steps)) == 1201
     del mlflow

@@ -465,7 +465,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     # the steps after the last checkpoint, and MLflow then holds each step once.
     logger = RankZeroLogger({"tracking_uri": task.mlflow.tracking_uri, "run_id": task.mlflow.run_id},
                             enabled=(rank == 0), buffered=True)
-    if resumed_from is None:
+    if resumed_from is not None:
+        logger.resume()
+    else:
         logger.log_params({**trainable_summary(critic), "train_device": str(device),
                            "train_dist_backend": dist.get_backend() if dist.is_initialized() else "none",
                            "train_param_dtype": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
