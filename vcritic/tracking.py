@@ -56,8 +56,8 @@ class RankZeroLogger:
         self.enabled = enabled and bool(target.get("run_id"))
         self.run_id = target.get("run_id")
         self.buffered = buffered
-        self.skip_through = 0
-        """Steps at or below this are not logged (the run already holds them, see :meth:`resume`)."""
+        self.logged_through: dict[str, int] = {}
+        """Per metric, the last step the run already holds: not logged again (see :meth:`resume`)."""
         self.pending: list[Any] = []
         self.pending_params: list[Any] = []
         if self.enabled:
@@ -72,10 +72,9 @@ class RankZeroLogger:
 
         from mlflow.entities import Metric
 
-        if step <= self.skip_through:
-            return
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items()
+                            if step > self.logged_through.get(k, -1))
         if not self.buffered:
             self.flush()
 
@@ -88,16 +87,17 @@ class RankZeroLogger:
         if not self.buffered:
             self.flush()
 
-    def resume(self, keys: tuple[str, ...] = ("train_loss", "val_loss")) -> int:
-        """After a restart: skip the steps the run already holds for ``keys``, so each step stays
-        logged once. A worker may flush a step's metrics after uploading its checkpoint but
+    def resume(self) -> int:
+        """After a restart: skip, metric by metric, the steps the run already holds, so each step
+        stays logged once. A worker may flush a step's metrics after uploading its checkpoint but
         before Ray Train registers it; if it dies then, those steps are redone, and their first
-        values stay. Returns the last step already logged."""
+        values stay. Returns the last step already logged (any metric)."""
         if not self.enabled:
             return 0
-        last = [m.step for k in keys for m in self.client.get_metric_history(self.run_id, k)]
-        self.skip_through = max(last, default=0)
-        return self.skip_through
+        for key in self.client.get_run(self.run_id).data.metrics:
+            self.logged_through[key] = max((m.step for m in self.client.get_metric_history(self.run_id, key)),
+                                           default=-1)
+        return max(self.logged_through.values(), default=0)
 
     def flush(self) -> None:
         """Write what is pending (MLflow takes at most 1000 metrics per batch)."""

@@ -87,9 +87,10 @@ def test_buffered_metrics_reach_mlflow_only_on_flush(tmp_path):
     # checkpoint that was uploaded but never registered).
     again = RankZeroLogger({"tracking_uri": uri, "run_id": run.info.run_id}, enabled=True, buffered=True)
     assert again.resume() == 1200
-    again.log_metrics({"train_loss": 9.0}, 1199)
+    again.log_metrics({"train_loss": 9.0, "val_loss": 2.0}, 1200)  # val_loss at 1200 is new: kept
     again.log_metrics({"train_loss": 0.5}, 1201)
     again.flush()
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert len(steps) == len(set(steps)) == 1201
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")] == [(1200, 2.0)]
     del mlflow
