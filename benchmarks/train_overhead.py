@@ -183,13 +183,15 @@ def _bare(job: dict[str, Any]) -> dict[str, Any]:
         done, tokens, loss_sum = 0, 0, 0.0
         for i, streams in enumerate(clock.batches(groups())):
             tensors = collate(streams, critic.vocab)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = critic(**tensors)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             (out.loss / accum).backward()
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             clock.add("forward", t1 - t0)
             clock.add("backward", t2 - t1)
+            clock.add("forward_cpu", c1 - c0)
+            clock.add("backward_cpu", c2 - c1)
             loss_sum += float(out.loss.detach())  # a loop that logs its loss reads it every micro-batch too
             tokens += int(tensors["attention_mask"].sum())
             if (i + 1) % accum == 0:
@@ -199,6 +201,7 @@ def _bare(job: dict[str, Any]) -> dict[str, Any]:
                 opt.zero_grad(set_to_none=True)
                 done += 1
             clock.add("step", time.perf_counter() - t2)
+            clock.add("step_cpu", time.thread_time() - c2)
             if done >= steps:
                 break
         epochs.append({"epoch": epoch, "steps": done, "seconds": time.perf_counter() - start, "tokens": tokens})
@@ -215,7 +218,9 @@ class PhaseClock:
     ``iter`` (one whole micro-batch, yield to yield). Medians of these survive CPU contention far
     better than an epoch's total."""
 
-    PHASES = ("data", "forward", "backward", "step", "iter")
+    PHASES = ("data", "forward", "backward", "step", "iter", "forward_cpu", "backward_cpu", "step_cpu")
+    """``*_cpu``: the CPU time of the training thread in that phase (``time.thread_time``): the
+    work done, without the time spent waiting for a core that another process holds."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, list[float]]] = []
@@ -249,11 +254,12 @@ class PhaseClock:
         def timed(*args, **kwargs):
             if only_training is not None and not only_training.training:
                 return fn(*args, **kwargs)  # evaluation forwards are not train steps
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.add(phase, time.perf_counter() - start)
+                self.add(f"{phase}_cpu", time.thread_time() - cpu)
         return timed
 
 
@@ -328,7 +334,8 @@ def phase_medians(phases: list[dict[str, list[float]]]) -> dict[str, float]:
     for phase in PhaseClock.PHASES:
         # The engine's eval forwards (between epochs) land after the train ones: keep one per backward.
         values = [v for e in rest for v in (e["data"][1:] if phase == "data" else
-                                            e["forward"][: len(e["backward"])] if phase == "forward" else e[phase])]
+                                            e[phase][: len(e["backward"])] if phase.startswith("forward")
+                                            else e.get(phase, []))]
         out[phase] = float(statistics.median(values)) if values else float("nan")
     return out
 
@@ -424,6 +431,16 @@ def report(args, results: dict[tuple[str, int], list[dict[str, Any]]], threads: 
         print(f"{path:<8} {workers:>7} {m['first']:>14.2f} {1e3 * m['data']:>7.1f} {1e3 * m['forward']:>8.1f} "
               f"{1e3 * m['backward']:>9.1f} {1e3 * m['step']:>7.1f} {1e3 * m['iter']:>7.1f} "
               f"{m['iter'] / bare_iter:>11.3f}")
+    print("\nCPU time of the training thread, median ms per micro-batch (time.thread_time: work, not waits)")
+    print(f"{'path':<8} {'workers':>7} {'forward':>8} {'backward':>9} {'step':>7} {'sum':>7} {'ratio':>7}")
+    bare_cpu = statistics.median(sum(phase_medians(r["phases"])[f"{k}_cpu"] for k in ("forward", "backward", "step"))
+                                 for r in bare_runs)
+    for (path, workers), runs in results.items():
+        meds = [phase_medians(r["phases"]) for r in runs]
+        m = {k: statistics.median(x[k] for x in meds) for k in meds[0]}
+        total = m["forward_cpu"] + m["backward_cpu"] + m["step_cpu"]
+        print(f"{path:<8} {workers:>7} {1e3 * m['forward_cpu']:>8.1f} {1e3 * m['backward_cpu']:>9.1f} "
+              f"{1e3 * m['step_cpu']:>7.1f} {1e3 * total:>7.1f} {total / bare_cpu:>7.3f}")
     if ("vcritic", 1) in results:
         one = statistics.median(timed(r["epochs"])["seconds"] / timed(r["epochs"])["steps"]
                                 for r in results[("vcritic", 1)]) / bare_s

@@ -1,11 +1,14 @@
 """The training loop's pure parts: learning-rate schedule, epoch order, length-grouped batches."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
 
 from vcritic.train.loop import (
+    ReadAhead,
+    chunk_args,
     epoch_groups,
     epoch_seed,
     lr_factor,
@@ -116,3 +119,38 @@ def test_each_epoch_has_its_own_order_and_a_seed_repeats_it(dataset):
     assert a != b and epoch_ids(dataset, 11, group=False, buffer=16) == a
     assert sorted(sum(a, [])) == list(range(60))
     assert len(a) == 4 + 4 + 4 + 3  # 60 rows in buffers of 16,16,16,12, batches of 4
+
+
+def test_a_read_ahead_epoch_is_the_same_epoch(dataset):
+    seed = epoch_seed(0, 3)
+    ahead = ReadAhead(dataset.iterator(), **chunk_args(16, seed))
+    via_ahead = [[r["id"] for r in b] for b in epoch_groups(ahead, 4, 16, True, seed, dict, lambda r: r["n"])]
+    assert via_ahead == epoch_ids(dataset, seed, buffer=16)
+
+
+class _Shard:
+    """A shard whose first chunk waits for ``release``; records the thread that fetched it."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.release, self.fetched_by, self.fail = threading.Event(), None, fail
+
+    def iter_batches(self, **_):
+        self.release.wait(10)
+        self.fetched_by = threading.current_thread().name
+        if self.fail:
+            raise OSError("read task lost")
+        yield from ("chunk0", "chunk1")
+
+
+def test_read_ahead_fetches_the_first_chunk_in_the_background_and_hands_on_errors():
+    shard = _Shard()
+    ahead = ReadAhead(shard, **chunk_args(8, 1))
+    shard.release.set()  # the main thread is free while the chunk is read
+    assert list(ahead.iter_batches(**chunk_args(8, 1))) == ["chunk0", "chunk1"]
+    assert shard.fetched_by == "vcritic-read-ahead"
+    with pytest.raises(ValueError, match="read ahead with"):
+        next(ReadAhead(shard, **chunk_args(8, 1)).iter_batches(**chunk_args(8, 2)))  # another seed: another epoch
+    failing = _Shard(fail=True)
+    failing.release.set()
+    with pytest.raises(OSError, match="read task lost"):
+        list(ReadAhead(failing, **chunk_args(8, 1)).iter_batches(**chunk_args(8, 1)))

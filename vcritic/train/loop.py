@@ -14,10 +14,12 @@ example is repeated or skipped, whatever the number of workers after the restart
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -198,6 +200,49 @@ def row_key(row: dict[str, Any]) -> str:
     return "sha1:" + hashlib.sha1(text.encode()).hexdigest()
 
 
+def chunk_args(buffer_rows: int, seed: int) -> dict[str, Any]:
+    """How :func:`epoch_groups` reads a shard: shuffle buffers of ``buffer_rows`` rows, as pandas."""
+    return {"batch_size": buffer_rows, "batch_format": "pandas", "local_shuffle_buffer_size": buffer_rows,
+            "local_shuffle_seed": seed}
+
+
+class ReadAhead:
+    """One epoch of a shard whose first chunk is fetched in a background thread from now on.
+
+    Each epoch of a Ray Data shard starts a new streaming execution (through the split
+    coordinator, Parquet read tasks, a whole shuffle buffer) before its first chunk arrives:
+    seconds that the step loop would otherwise wait for at every epoch. Started while the worker
+    does something else (builds the model, or validates and checkpoints the previous epoch),
+    that start overlaps with it. Stands in for the shard in :func:`epoch_groups`; the read
+    arguments must be the ones it was started with. An error in the thread is raised on use.
+    """
+
+    def __init__(self, shard, **read_args: Any) -> None:
+        self._shard, self._args = shard, read_args
+        self._chunks: Iterator[Any] = iter(())
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name="vcritic-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            # One iterator: Ray Data's iter_batches returns an iterable that starts over on each iter().
+            self._chunks = iter(self._shard.iter_batches(**self._args))
+            self._first.extend(itertools.islice(self._chunks, 1))
+        except BaseException as exc:  # handed to the step loop, which owns the failure
+            self._error = exc
+
+    def iter_batches(self, **read_args: Any) -> Iterator[Any]:
+        if read_args != self._args:
+            raise ValueError(f"read ahead with {self._args}, asked for {read_args}")
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._chunks
+
+
 def epoch_groups(shard, batch_size: int, buffer_rows: int, group_by_length: bool, seed: int,
                  prepare: Callable[[dict[str, Any]], T], length: Callable[[T], int] = len,
                  skip: frozenset[str] = frozenset(), keys: list[str] | None = None,
@@ -213,8 +258,7 @@ def epoch_groups(shard, batch_size: int, buffer_rows: int, group_by_length: bool
     zero-weight steps on a rank that has nothing left).
     """
     rng = np.random.default_rng(seed)
-    for chunk in shard.iter_batches(batch_size=buffer_rows, batch_format="pandas",
-                                    local_shuffle_buffer_size=buffer_rows, local_shuffle_seed=seed):
+    for chunk in shard.iter_batches(**chunk_args(buffer_rows, seed)):
         rows = [(row_key(r), r) for r in _rows(chunk)]
         if skip:
             if spare is not None and not spare and rows:
@@ -436,6 +480,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         # Skip DeepSpeed's shared-memory all-reduce op: it compiles C++ on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     device = _device(bool(t.use_gpu))
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch_size, buffer_rows = int(t.batch_size), int(t.shuffle_buffer_rows)
+    # Next epochs' first chunks, read while the worker does other work. Epoch 0's read overlaps
+    # with building the model; a resumed run's first epoch is only known once its checkpoint loads.
+    ahead: dict[int, ReadAhead] = {}
+    if ray.train.get_checkpoint() is None and t.resume_from is None and int(t.epochs) > 0:
+        ahead[0] = ReadAhead(train_shard, **chunk_args(buffer_rows, epoch_seed(int(cfg.run.seed), 0, rank)))
 
     model_cfg = to_dict(cfg.model)
     critic, tokenizer = build_critic(inputs.backbone_spec, model_cfg, inputs.audio_codes, inputs.audio_feature_dim,
@@ -447,7 +499,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     critic.to(device)
     params = [p for p in critic.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
-    batch_size, buffer_rows = int(t.batch_size), int(t.shuffle_buffer_rows)
     total_steps = total_optimizer_steps(inputs.train_rows, batch_size, int(t.grad_accum), world, int(t.epochs),
                                         t.max_steps_per_epoch, buffer_rows)
     schedule = str(t.lr_schedule) if inputs.train_rows else "constant"
@@ -480,8 +531,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             log.warning("resumed from %s at epoch %d, step %d (%d examples of this epoch already consumed)",
                         resumed_from, start_epoch, step, len(skip))
     limits = _limits(cfg.model, cfg.data, inputs.audio_frame_rate)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     lam = float(cfg.model.loss_lambda)
     every = int(t.checkpoint_every_steps) if t.checkpoint_every_steps else None
     prepare = partial(row_streams, vocab=critic.vocab, limits=limits)
@@ -503,7 +552,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         epoch_tokens, epoch_steps = 0, epoch_steps if resumed else 0
         seed = epoch_seed(int(cfg.run.seed), epoch, rank)
         batches: Iterable[list[Any] | None] = epoch_groups(
-            train_shard, batch_size, buffer_rows, bool(t.group_by_length), seed, prepare,
+            ahead.pop(epoch, train_shard), batch_size, buffer_rows, bool(t.group_by_length), seed, prepare,
             skip=skip if resumed else frozenset(), keys=consumed, spare=spare)
         if resumed:
             batches = lockstep(batches, device)
@@ -558,6 +607,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         # This rank's time in the step loop (data, forward, backward, step; not eval or checkpoint).
         train_seconds = time.perf_counter() - epoch_start
         seen = _gather_keys(consumed) + (sorted(skip) if resumed else [])
+        if epoch + 1 < int(t.epochs):  # the next epoch's Ray Data start overlaps with validation and the checkpoint
+            ahead[epoch + 1] = ReadAhead(train_shard, **chunk_args(buffer_rows, epoch_seed(int(cfg.run.seed), epoch + 1, rank)))
         metrics: dict[str, Any] = evaluate_loss(engine, val_shard, critic.vocab, limits, batch_size, device, lam)
         metrics.update({"epoch": epoch, "global_step": step, "epoch_steps": epoch_steps, "mid_epoch": 0,
                         RANK_KEY: metrics["val_loss"],
