@@ -93,12 +93,76 @@ class DataConfig:
     max_critique_words: int = 5000
     """Rows whose target_text has fewer or more whitespace-separated words are quarantined."""
     val_fraction: float = 0.1
+    """Share of songs held out for validation (picks the best checkpoint)."""
+    test_fraction: float = 0.1
+    """Share of songs held out for the final evaluation only (the job's SCQ before and after
+    training), disjoint from val, so the reported accuracy is not biased by checkpoint choice.
+    0 disables the test split; SCQ then falls back to val (and says so)."""
     tokenizer_fit_clips: int = 64
     """Clips sampled from the train split to fit an audio tokenizer that needs fitting."""
     embedder: PluginSpec = field(default_factory=lambda: PluginSpec("logmel_hash"))
     separator: PluginSpec = field(default_factory=lambda: PluginSpec("identity"))
     separate_sources: list[str] = field(default_factory=lambda: ["human"])
     """Rows from these sources go through the separator (speech over music is removed)."""
+
+
+@dataclass
+class GenerateConfig:
+    """How a critic writes and speaks a critique (travels in the export: serving uses it)."""
+
+    max_text_tokens: int = 512
+    """Longest critique text, in text tokens."""
+    max_audio_tokens: int = 768
+    """Longest spoken critique, in audio-tokenizer frames."""
+    min_text_tokens: int = 0
+    """The critique's end token is masked out until this many text tokens (benchmarks force a length)."""
+    min_audio_tokens: int = 0
+    """Speech's end (the first codebook's EOS) is masked out until this many frames."""
+    temperature: float = 0.0
+    """0: greedy (argmax); above 0: sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens whose probabilities sum to top_p."""
+    repetition_penalty: float = 1.0
+    """Above 1 discourages text tokens the critique already holds (logit / p if > 0, else logit * p)."""
+    audio_temperature: float | None = None
+    """Temperature of the speech rows (None: temperature)."""
+    audio_top_p: float | None = None
+    """top_p of the speech rows (None: top_p)."""
+    batch_size: int = 8
+    """Clips generated together (critique_batch and the served model split longer lists)."""
+    seed: int = 0
+    """Seed of the sampler (each critique_batch call restarts it: the same inputs give the same critiques)."""
+    cache: bool = True
+    """KV-cached decoding; false recomputes the whole sequence per token (the slow reference)."""
+
+
+GENERATE_KEYS = tuple(GenerateConfig.__dataclass_fields__)
+
+
+def generate_problems(values: dict[str, Any], where: str = "model.generate") -> list[str]:
+    """What is wrong with generation settings (empty: nothing), each naming ``where.<key>`` and the fix."""
+    unknown = sorted(set(values) - set(GENERATE_KEYS))
+    problems = [f"{where}.{k} is not a generation setting (known: {', '.join(GENERATE_KEYS)})" for k in unknown]
+    v = {**{k: f.default for k, f in GenerateConfig.__dataclass_fields__.items()}, **values}
+    for key in ("max_text_tokens", "max_audio_tokens", "batch_size"):
+        if not isinstance(v[key], int) or v[key] < 1:
+            problems.append(f"{where}.{key} must be an integer >= 1, got {v[key]!r}")
+    for key, limit in (("min_text_tokens", "max_text_tokens"), ("min_audio_tokens", "max_audio_tokens")):
+        if not isinstance(v[key], int) or not 0 <= v[key] <= (v[limit] if isinstance(v[limit], int) else v[key]):
+            problems.append(f"{where}.{key} must be an integer in [0, {where}.{limit}], got {v[key]!r}")
+    for key in ("temperature", "audio_temperature"):
+        if v[key] is not None and not (isinstance(v[key], (int, float)) and v[key] >= 0):
+            problems.append(f"{where}.{key} must be >= 0 (0 = greedy), got {v[key]!r}")
+    for key in ("top_p", "audio_top_p"):
+        if v[key] is not None and not (isinstance(v[key], (int, float)) and 0 < v[key] <= 1):
+            problems.append(f"{where}.{key} must be in (0, 1], got {v[key]!r}")
+    if not (isinstance(v["repetition_penalty"], (int, float)) and v["repetition_penalty"] > 0):
+        problems.append(f"{where}.repetition_penalty must be > 0 (1 = none), got {v['repetition_penalty']!r}")
+    if not isinstance(v["seed"], int) or isinstance(v["seed"], bool):
+        problems.append(f"{where}.seed must be an integer, got {v['seed']!r}")
+    if not isinstance(v["cache"], bool):
+        problems.append(f"{where}.cache must be true or false, got {v['cache']!r}")
+    return problems
 
 
 @dataclass
@@ -131,6 +195,8 @@ class ModelConfig:
     base_models_dir: str | None = None
     """Where to find pretrained base models (and codec checkpoints) an export names when they are
     not at their recorded path (by directory name, checked by hash); also $VCRITIC_BASE_MODELS."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Generation settings (lengths, sampling, batching), saved in the export for serving."""
 
 
 @dataclass
@@ -191,6 +257,86 @@ class EvalConfig:
     scq_max_clips: int = 64
     max_new_text_tokens: int = 64
     max_new_audio_tokens: int = 40
+    scq_file: str | None = None
+    """jobs/evaluate.py: a JSONL file of single-choice questions in the public benchmark format
+    (audio_path relative to the file, question, options, answer letter, optional category)."""
+    scq_mode: str = "loglik"
+    """jobs/evaluate.py: how the critic answers, one or more of generative, loglik (comma-separated).
+    loglik (option likelihood) is the default: deterministic, never unparsed, and fair to a critic
+    trained to write critiques rather than to answer quizzes; generative also tests following the format."""
+    oeq_file: str | None = None
+    """jobs/evaluate.py: open-ended questions, JSONL rows of audio_path, persona, context, reference."""
+    human_ratings: str | None = None
+    """jobs/evaluate.py: human ratings of the OEQ critiques, for judge agreement (JSON {item_id:
+    {dimension: rating}} or JSONL rows with item_id and the dimensions)."""
+    judges: list[dict[str, Any]] = field(default_factory=list)
+    """OEQ judges: [{name, plugin, params}] (plugin: a vcritic.judges plugin name)."""
+    oeq_weights: list[float] = field(default_factory=lambda: [0.2, 0.6, 0.2])
+    """OEQ composite weights of completeness, accuracy, novelty."""
+
+
+@dataclass
+class CritiqueConfig:
+    """jobs/critique.py: critique a folder or manifest of clips on Ray Data actors."""
+
+    persona: str = "A blunt vocal coach who comments on melody, technique and sound quality."
+    """Prompt persona for clips whose manifest row gives none (and for folders)."""
+    context: str = ""
+    """Song context for clips whose row gives none."""
+    extensions: list[str] = field(default_factory=lambda: ["wav", "flac", "mp3", "ogg", "opus"])
+    """Audio files a folder INPUT is searched for (recursively)."""
+    output_dir: str | None = None
+    """Where critiques.jsonl, speech/ and report.html go (a new timestamped folder inside); None:
+    run.output_dir/critiques. On a multi-node cluster: storage every node reaches."""
+    max_text_tokens: int | None = None
+    """Critique length limit; None: the critic's own default."""
+    max_audio_tokens: int | None = None
+    """Spoken critique limit, in audio-tokenizer frames; None: the critic's own default."""
+    speak: bool = True
+    """Also write the spoken critique (wav files)."""
+    batch_size: int = 4
+    """Rows per actor call (given to critic.critique_batch when the critic has it)."""
+    concurrency: int = 1
+    """Critic actors (each loads the critic once)."""
+    cpus_per_actor: float = 0.5
+    """Below 1 on small machines so Ray Data keeps CPUs for its own tasks."""
+    gpus_per_actor: float | None = None
+    """None: 1 when the Ray cluster has a GPU, else 0 (CPU actors)."""
+    copy_clips: bool = True
+    """Copy the clips next to the report so it (and the MLflow artifacts) play them anywhere."""
+    run_name: str = "vcritic-critique"
+    """MLflow run name (in mlflow.experiment)."""
+
+
+@dataclass
+class RewardProbeConfig:
+    """One reward dimension (vcritic.reward.Probe)."""
+
+    name: str = "???"
+    prefix: str = "???"
+    """The start of a critique sentence, with its leading space, e.g. " The intonation is"."""
+    options: dict[str, float] = field(default_factory=dict)
+    """Continuation -> value in [0, 1], e.g. {"spot on": 1.0, "a little off": 0.5, "badly off": 0.0}."""
+    weight: float = 1.0
+    template: str = " {}."
+
+
+@dataclass
+class RewardConfig:
+    """The critic as a reward (vcritic.reward.RewardModel.from_config)."""
+
+    probes: list[RewardProbeConfig] = field(default_factory=list)
+    """Empty: vcritic.reward.DEFAULT_PROBES (intonation and sound)."""
+    persona: str = "A strict vocal coach who judges intonation and sound quality."
+    context: str = ""
+    batch_size: int = 32
+    """(clip, option) rows per forward pass."""
+    temperature: float = 1.0
+    """Of the softmax over a probe's options."""
+    judges: list[PluginSpec] = field(default_factory=list)
+    """Optional judge plugins scoring a generated critique (vcritic.judges)."""
+    judge_weight: float = 0.0
+    """Weight of the judges' score in the reward (0: no judge term, nothing is generated)."""
 
 
 @dataclass
@@ -202,6 +348,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    critique: CritiqueConfig = field(default_factory=CritiqueConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 class ConfigError(ValueError):
@@ -274,6 +422,9 @@ def _check(cfg: DictConfig) -> None:
                           "stage 0 would update the weights in bf16)")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 <= cfg.data.test_fraction < 1.0 or cfg.data.val_fraction + cfg.data.test_fraction >= 1.0:
+        raise ConfigError(f"data.test_fraction must be in [0, 1) with data.val_fraction + data.test_fraction < 1, "
+                          f"got {cfg.data.test_fraction} (val_fraction {cfg.data.val_fraction})")
     weights = cfg.model.codebook_weights
     if weights is not None and (not len(weights) or min(weights) < 0 or sum(weights) <= 0):
         raise ConfigError(f"model.codebook_weights must be non-negative and not all zero, got {list(weights)}")
@@ -282,6 +433,16 @@ def _check(cfg: DictConfig) -> None:
     if not 0 <= cfg.data.min_critique_words <= cfg.data.max_critique_words or cfg.data.max_critique_words < 1:
         raise ConfigError(f"data.min_critique_words and data.max_critique_words must satisfy 0 <= min <= max, max >= 1; "
                           f"got {cfg.data.min_critique_words} and {cfg.data.max_critique_words}")
+    problems = generate_problems(OmegaConf.to_container(cfg.model.generate))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    modes = [m.strip() for m in str(cfg.eval.scq_mode).split(",") if m.strip()]
+    if not modes or any(m not in ("generative", "loglik", "cloze") for m in modes):
+        raise ConfigError(f"eval.scq_mode must be one or more of generative, loglik, cloze (comma-separated), "
+                          f"got {cfg.eval.scq_mode!r}")
+    if len(cfg.eval.oeq_weights) != 3 or min(cfg.eval.oeq_weights) < 0 or sum(cfg.eval.oeq_weights) <= 0:
+        raise ConfigError(f"eval.oeq_weights must be 3 non-negative weights (completeness, accuracy, novelty) "
+                          f"with a positive sum, e.g. [0.2,0.6,0.2]; got {list(cfg.eval.oeq_weights)}")
     if cfg.mlflow.promote_direction not in ("min", "max"):
         raise ConfigError(f"mlflow.promote_direction must be 'min' or 'max', got {cfg.mlflow.promote_direction!r}")
     if cfg.mlflow.promote not in ("if_better", "always"):

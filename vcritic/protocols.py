@@ -81,6 +81,27 @@ class Backbone(Protocol):
         ...
 
 
+@runtime_checkable
+class CachedBackbone(Backbone, Protocol):
+    """A :class:`Backbone` whose copied layers can also run with a KV cache (fast generation).
+
+    Optional: a backbone without ``run_layers_cached`` still works; vcritic's critic then speaks
+    through the recompute path (every audio row re-runs the whole sequence), with the same tokens.
+    """
+
+    def run_layers_cached(self, model: Any, layers: Any, hidden: Any, attention_mask: Any, position_ids: Any,
+                          past: Any) -> Any:
+        """:meth:`Backbone.run_layers` for the new positions only.
+
+        ``hidden`` [B, T_new, H] holds the positions after the ``past.get_seq_length(i)`` ones the
+        cache already has (for each layer ``i`` = ``layer.self_attn.layer_idx`` of ``layers``);
+        ``attention_mask`` [B, past + T_new] covers both; ``position_ids`` are the new positions'
+        (the trunk's layout: [B, T_new], or e.g. [3, B, T_new] for multimodal rotary positions);
+        ``past`` is a transformers ``Cache`` the layers update in place.
+        """
+        ...
+
+
 @dataclass(frozen=True)
 class PromptParts:
     """The token layout around the music in a critic's prompt.
@@ -234,21 +255,57 @@ class Annotator(Protocol):
 
 @dataclass(frozen=True)
 class JudgeScore:
-    """Scores in [0, 1] per dimension, plus the judge's reasoning."""
+    """One judge's scores of one critique, each normalised to [0, 1].
 
-    completeness: float
-    accuracy: float
-    novelty: float
+    A dimension is None when the judge's reply could not be read as a score (or the request
+    failed): such a score is missing, never 0, so it cannot drag a mean down.
+    """
+
+    completeness: float | None
+    accuracy: float | None
+    novelty: float | None
     rationale: str = ""
 
+    @property
+    def unparsed(self) -> list[str]:
+        """The dimensions without a score."""
+        return [d for d in ("completeness", "accuracy", "novelty") if getattr(self, d) is None]
+
     def weighted(self, weights: tuple[float, float, float] = (0.2, 0.6, 0.2)) -> float:
+        """The composite ``Σ w·s / Σ w`` (in [0, 1] for any non-negative weights).
+
+        Raises:
+            ValueError: a dimension is unscored (a composite of a partial score would be
+                silently biased), or the weights sum to 0.
+        """
+        if self.unparsed:
+            raise ValueError(f"no composite: the judge's {', '.join(self.unparsed)} reply had no readable score")
+        total = float(sum(weights))
+        if total <= 0:
+            raise ValueError(f"composite weights must sum to more than 0, got {tuple(weights)}")
         wc, wa, wn = weights
-        return wc * self.completeness + wa * self.accuracy + wn * self.novelty
+        return (wc * self.completeness + wa * self.accuracy + wn * self.novelty) / total  # type: ignore[operator]
 
 
 @runtime_checkable
 class Judge(Protocol):
-    """Scores a critique against a reference (open-ended-question evaluation)."""
+    """A chat model that grades critiques (open-ended-question evaluation).
+
+    The judge only answers chat messages; :mod:`vcritic.evaluate.oeq` writes the three rubric
+    prompts, reads the scores out of the replies and caches them, so every judge plugin grades
+    the same way. ``model`` names what answers (it is part of the reply-cache key). ``score``
+    runs the three rubrics on one critique: inherit :class:`vcritic.evaluate.oeq.RubricScoring`
+    to get it from ``complete``.
+    """
+
+    model: str
+
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        """Reply to OpenAI-style ``[{"role": "system"|"user", "content": str}, ...]`` with text.
+
+        Raises an error naming the endpoint when the request fails after the plugin's retries.
+        """
+        ...
 
     def score(self, critique: str, reference: str, context: str) -> JudgeScore: ...
 

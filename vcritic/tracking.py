@@ -136,15 +136,18 @@ def pip_requirements() -> list[str]:
 
 def critic_signature():
     """Inputs ``audio_path``, ``persona`` (and optional ``context``) → ``critique`` (and
-    ``speech_path`` when the ``speech_dir`` param is given)."""
+    ``speech_path`` when the ``speech_dir`` param is given); the generation settings are optional
+    params (``vcritic.serving.GENERATION_PARAMS``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from vcritic.serving import generation_param_specs
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "audio_path"), ColSpec("string", "persona"),
                        ColSpec("string", "context", required=False)]),
         outputs=Schema([ColSpec("string", "critique"), ColSpec("string", "speech_path", required=False)]),
-        params=ParamSchema([ParamSpec("speech_dir", "string", "")]),
+        params=ParamSchema([ParamSpec("speech_dir", "string", ""), *generation_param_specs()]),
     )
 
 

@@ -62,33 +62,49 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 
 def run_decoder_layers(model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                       position_ids: torch.Tensor | None = None, past_key_values: Any = None) -> torch.Tensor:
     """Run decoder ``layers`` (the model's own or copies of them) causally over ``hidden`` [B, T, H],
-    with the model's own causal mask and rotary position embeddings (at ``position_ids``, default 0..T-1)."""
+    with the model's own causal mask and rotary position embeddings (at ``position_ids``, default 0..T-1
+    after the cached positions).
+
+    With ``past_key_values`` (a transformers ``Cache``), ``hidden`` holds only the new positions,
+    ``attention_mask`` covers the cached and the new ones, and each layer appends its keys and values
+    to the cache at its own ``self_attn.layer_idx``.
+    """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     decoder = decoder_of(model)
     config = decoder.config
     positions = position_ids
     if positions is None:
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        start = past_key_values.get_seq_length(layer_index(layers[0])) if past_key_values is not None and layers else 0
+        positions = torch.arange(start, start + hidden.shape[1], device=hidden.device).unsqueeze(0)
     mask_kwargs = {
         "config": config,
         "inputs_embeds": hidden,
         "attention_mask": attention_mask,
-        "past_key_values": None,
+        "past_key_values": past_key_values,
         "position_ids": positions,
     }
-    masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+    masks: dict[str, Any] = {}
     position_embeddings = decoder.rotary_emb(hidden, positions)
     for layer in layers:
         kind = getattr(layer, "attention_type", "full_attention")
         if kind not in masks:
-            masks[kind] = create_sliding_window_causal_mask(**mask_kwargs)
+            # With a cache, the mask is sized by this layer's own cache slot (a branch's slots are not 0..K-1).
+            where = {"layer_idx": layer_index(layer)} if past_key_values is not None else {}
+            make = create_causal_mask if kind == "full_attention" else create_sliding_window_causal_mask
+            masks[kind] = make(**mask_kwargs, **where)
+        extra = {"past_key_values": past_key_values, "use_cache": True} if past_key_values is not None else {}
         hidden = layer(
-            hidden, attention_mask=masks[kind], position_embeddings=position_embeddings, position_ids=positions
+            hidden, attention_mask=masks[kind], position_embeddings=position_embeddings, position_ids=positions, **extra
         )
     return hidden
+
+
+def layer_index(layer: nn.Module) -> int:
+    """The cache slot of a decoder layer (its attention's ``layer_idx``; copies keep the original's)."""
+    return int(layer.self_attn.layer_idx)
 
 
 class CausalLMBackbone:
@@ -157,6 +173,11 @@ class CausalLMBackbone:
     def run_layers(self, model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor,
                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return run_decoder_layers(model, layers, hidden, attention_mask, position_ids)
+
+    def run_layers_cached(self, model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor,
+                          attention_mask: torch.Tensor, position_ids: torch.Tensor | None, past: Any) -> torch.Tensor:
+        """:meth:`run_layers` over the new positions only, appending keys and values to ``past``."""
+        return run_decoder_layers(model, layers, hidden, attention_mask, position_ids, past)
 
     def lora_target_modules(self) -> list[str]:
         return list(self.lora_targets or DEFAULT_LORA_TARGETS)

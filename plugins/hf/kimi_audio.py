@@ -306,6 +306,11 @@ class KimiAudioBackbone:
             return run_decoder_layers(model, layers, hidden, attention_mask)
         return run_decoder_layers(model, layers, hidden, attention_mask, position_ids)
 
+    def run_layers_cached(self, model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor,
+                          attention_mask: torch.Tensor, position_ids: torch.Tensor | None, past: Any) -> torch.Tensor:
+        """:meth:`run_layers` over the new positions only, appending keys and values to ``past``."""
+        return run_decoder_layers(model, layers, hidden, attention_mask, position_ids, past)
+
     def lora_target_modules(self) -> list[str]:
         """The trunk's attention and MLP projections (LoRA wraps the trunk only, never the audio side)."""
         return list(DEFAULT_LORA_TARGETS)

@@ -203,23 +203,37 @@ class QwenOmniThinkerBackbone:
         from ``attention_mask`` alone and rotary embeddings at ``position_ids`` ([3, B, T] mrope
         positions from :meth:`QwenOmniHearing.position_ids`; [B, T] is put on all three axes; None
         is 0..T-1, what the hooked forward uses for embeddings-only calls)."""
+        return self._run(model, layers, hidden, attention_mask, position_ids, None)
+
+    def run_layers_cached(self, model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor,
+                          attention_mask: torch.Tensor, position_ids: torch.Tensor | None, past: Any) -> torch.Tensor:
+        """:meth:`run_layers` over the new positions only (``position_ids`` theirs, [3, B, T_new] or
+        [B, T_new]), appending keys and values to ``past`` at each layer's own slot."""
+        return self._run(model, layers, hidden, attention_mask, position_ids, past)
+
+    def _run(self, model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor,
+             position_ids: torch.Tensor | None, past: Any) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         decoder = decoder_of(model)
         batch, length = hidden.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(length, device=hidden.device).view(1, 1, -1).expand(3, batch, -1)
+            start = past.get_seq_length(int(layers[0].self_attn.layer_idx)) if past is not None and layers else 0
+            position_ids = torch.arange(start, start + length, device=hidden.device).view(1, 1, -1).expand(3, batch, -1)
         elif position_ids.ndim == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         mask_kwargs = {"config": decoder.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
-                       "past_key_values": None, "position_ids": None}
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+                       "past_key_values": past, "position_ids": None}
+        masks: dict[str, Any] = {}
         position_embeddings = decoder.rotary_emb(hidden, position_ids.to(hidden.device))
+        extra = {"past_key_values": past, "use_cache": True} if past is not None else {}
         for layer in layers:
             kind = decoder.config.layer_types[layer.self_attn.layer_idx]
             if kind not in masks:
-                masks[kind] = create_sliding_window_causal_mask(**mask_kwargs)
-            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings)
+                where = {"layer_idx": int(layer.self_attn.layer_idx)} if past is not None else {}
+                make = create_causal_mask if kind == "full_attention" else create_sliding_window_causal_mask
+                masks[kind] = make(**mask_kwargs, **where)
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=position_embeddings, **extra)
         return hidden
 
     def lora_target_modules(self) -> str:

@@ -34,7 +34,7 @@ EXPORT_FORMAT = 2
 # The model settings an export needs to rebuild (and generate with) the critic.
 MODEL_KEYS = ("audio_head_layers", "loss_lambda", "lora_r", "lora_alpha", "lora_dropout", "train_text_head",
               "max_prompt_tokens", "max_text_tokens", "max_audio_tokens", "codebook_weights", "train_audio_encoder",
-              "train_audio_projection")
+              "train_audio_projection", "generate")
 
 
 def add_special_tokens(tokenizer, model=None) -> list[int]:

@@ -202,6 +202,60 @@ class JointCritic(nn.Module):
         logits = self.audio_head(self.audio_norm(h))
         return out.logits, logits.view(*logits.shape[:2], self.vocab.num_codebooks, self.vocab.audio_vocab_size)
 
+    # -- generation with a KV cache (vcritic.models.generation drives these) ------------------
+    @property
+    def can_cache_speech(self) -> bool:
+        """Whether the audio branch can run with a KV cache: the backbone has ``run_layers_cached``
+        (:class:`~vcritic.protocols.CachedBackbone`). Otherwise speech uses the recompute path."""
+        return callable(getattr(self.backbone, "run_layers_cached", None))
+
+    def new_cache(self):
+        """An empty KV cache with one slot per trunk layer (the branch's copies use their originals' slots)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.trunk.config)
+
+    def embed_generated(self, text_ids: torch.Tensor, audio_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of generated positions ([B, T] text, [B, T, Q] audio ids; no music among them):
+        exactly what :meth:`embed` gives those positions inside a whole sequence."""
+        text = self.trunk.get_input_embeddings()(text_ids)
+        audio = self.embed_audio(audio_ids).to(text.dtype)
+        if self.hearing is None:
+            # The music encoder passes positions outside the music span through unchanged (x·1 + 0).
+            return text + audio
+        no_music = torch.zeros(text_ids.shape, dtype=torch.bool, device=text_ids.device)
+        return self.hearing.merge(text, audio, no_music, text.new_zeros(0, text.shape[-1]))
+
+    def cached_step(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    trunk_past, branch_past=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run new positions ``embeds`` [B, T, H] through the trunk (and, given ``branch_past``, the audio
+        branch) with KV caches. ``attention_mask`` covers the cached and the new positions.
+
+        Returns the last position's text logits [B, V] and audio logits [B, Q, A] (None without ``branch_past``).
+        """
+        with_audio = branch_past is not None
+        out = self.trunk(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=trunk_past, use_cache=True, output_hidden_states=with_audio,
+                         **self._last_logits_only())
+        text = out.logits[:, -1]
+        if not with_audio:
+            return text, None
+        h = self.backbone.run_layers_cached(self.trunk, self.audio_branch, out.hidden_states[self.branch_start],
+                                            attention_mask, position_ids, branch_past)
+        logits = self.audio_head(self.audio_norm(h[:, -1]))
+        return text, logits.view(-1, self.vocab.num_codebooks, self.vocab.audio_vocab_size)
+
+    def _last_logits_only(self) -> dict[str, int]:
+        """``logits_to_keep=1`` where the trunk's forward takes it (a long prompt × a large vocabulary
+        would otherwise materialise every position's logits)."""
+        if not hasattr(self, "_keep_kwargs"):
+            import inspect
+
+            inner = self.trunk.get_base_model() if hasattr(self.trunk, "get_base_model") else self.trunk
+            takes = "logits_to_keep" in inspect.signature(inner.forward).parameters
+            self._keep_kwargs = {"logits_to_keep": 1} if takes else {}
+        return self._keep_kwargs
+
     def forward(
         self,
         text_ids: torch.Tensor,
