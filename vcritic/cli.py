@@ -33,7 +33,7 @@ def train_main(args: list[str]) -> int:
     counts = summary.prepared.counts
     m = summary.metrics
     print("\n=== vcritic run finished ===")
-    print(f"data           : {counts['input']} rows in, {counts['train']} train / {counts['val']} val, "
+    print(f"data           : {counts['input']} rows in, {counts['train']} train / {counts['val']} val / {counts.get('test', 0)} test, "
           f"{counts['quarantined']} quarantined, {counts['near_duplicates']} near-duplicates dropped")
     if counts.get("clips_cut"):
         print(f"clips cut      : {counts['clips_cut']} clips longer than the backbone's audio limit were cut "

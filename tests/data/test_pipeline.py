@@ -45,7 +45,7 @@ def test_bad_rows_and_duplicates_are_reported(prepared):
     planted = {r["example_id"] for r in manifest if r["example_id"].endswith("-dup")}
     assert len(planted) == 2 and planted <= {d["example_id"] for d in dups}
     counts = p.counts
-    assert counts["input"] == counts["quarantined"] + counts["near_duplicates"] + counts["train"] + counts["val"]
+    assert counts["input"] == counts["quarantined"] + counts["near_duplicates"] + counts["train"] + counts["val"] + counts["test"]
 
 
 def test_rerun_reuses_finished_output(prepared):

@@ -93,3 +93,46 @@ def test_ray_add_split_column_matches_split_songs_without_leakage(ray_local):
     again = add_split_column(ray_local.data.from_items(out, override_num_blocks=3), 0.1, seed=2)
     assert again.columns().count("split") == 1
     assert sorted(again.take_all(), key=lambda r: r["example_id"]) == sorted(out, key=lambda r: r["example_id"])
+
+
+def test_test_split_is_disjoint_from_val_and_leaves_val_unchanged():
+    before = split_songs(SONGS, 0.1, seed=0)
+    three = split_songs(SONGS, 0.1, seed=0, test_fraction=0.15)
+    assert sum(v == "val" for v in three.values()) == 100 and sum(v == "test" for v in three.values()) == 150
+    assert {s for s, v in three.items() if v == "val"} == {s for s, v in before.items() if v == "val"}
+    assert all(before[s] == "train" for s, v in three.items() if v == "test")  # test only takes train songs
+    assert split_songs(list(reversed(SONGS)), 0.1, seed=0, test_fraction=0.15) == three
+
+
+@pytest.mark.parametrize(
+    ("n_songs", "val", "test", "n_val", "n_test"),
+    [(1, 0.1, 0.1, 0, 0), (2, 0.1, 0.1, 1, 0), (3, 0.1, 0.1, 1, 1), (12, 0.1, 0.1, 1, 1), (40, 0.1, 0.1, 4, 4),
+     (8, 0.1, 0.1, 1, 1), (4, 0.5, 0.4, 2, 1), (10, 0.1, 0.0, 1, 0)],
+)
+def test_small_song_counts_keep_a_train_song_and_serve_val_before_test(n_songs, val, test, n_val, n_test):
+    mapping = split_songs([f"s{k}" for k in range(n_songs)], val, test_fraction=test)
+    counts = {name: sum(v == name for v in mapping.values()) for name in ("train", "val", "test")}
+    assert (counts["val"], counts["test"]) == (n_val, n_test)
+    assert counts["train"] == n_songs - n_val - n_test >= 1
+
+
+def test_streaming_assignment_has_a_test_share_and_bad_test_fractions_raise():
+    songs = [f"track-{k}" for k in range(20_000)]
+    got = [assign_split(s, 0.1, seed=0, test_fraction=0.2) for s in songs]
+    assert 0.09 < got.count("val") / len(songs) < 0.11 and 0.19 < got.count("test") / len(songs) < 0.21
+    assert [assign_split(s, 0.1, seed=0) for s in songs[:2000]] == [
+        "train" if g == "test" else g for g in got[:2000]]
+    for val, test in ((0.1, -0.1), (0.1, 1.0), (0.5, 0.5)):
+        with pytest.raises(ValueError, match="test_fraction"):
+            split_songs(SONGS, val, test_fraction=test)
+        with pytest.raises(ValueError, match="test_fraction"):
+            assign_split("x", val, test_fraction=test)
+
+
+def test_ray_add_split_column_writes_three_splits(ray_local):
+    rows = [{"example_id": f"ex-{k}", "song_id": SONGS[k % 100]} for k in range(300)]
+    out = add_split_column(ray_local.data.from_items(rows, override_num_blocks=3), 0.1, seed=1,
+                           test_fraction=0.2).take_all()
+    want = split_songs(SONGS[:100], 0.1, seed=1, test_fraction=0.2)
+    assert all(r["split"] == want[r["song_id"]] for r in out)
+    assert sum(r["split"] == "test" for r in out) == 60

@@ -190,7 +190,7 @@ def test_user_manifest_prepares_with_repeats_and_absurd_rows_quarantined(user_pr
     assert list(kept["target_text"]) == [first["target_text"]]  # the first occurrence survives
     c = p.counts
     assert c["input"] == 14 and c["quarantined"] == 2
-    assert c["input"] == c["quarantined"] + c["near_duplicates"] + c["train"] + c["val"]
+    assert c["input"] == c["quarantined"] + c["near_duplicates"] + c["train"] + c["val"] + c["test"]
     # No facts in a user's data: SCQ is skipped, with the reason the job reports.
     plan = scq_plan(cfg, p.val_dir)
     assert c["val"] > 0 and "no question source" in plan.skipped_reason

@@ -124,6 +124,33 @@ def test_params_artifacts_and_scq(job):
     assert "data/quarantine.jsonl" in names
 
 
+def test_scq_asks_about_the_test_split_which_no_training_or_selection_saw(job):
+    """SCQ runs on the held-out test songs (disjoint from train and val), logs its full report
+    before and after, and leaves a public-format question file for jobs/evaluate.py.
+
+    Not asserted: that the trained critic beats the untrained one there. On the demo it does not
+    yet (it answers with the facts most frequent among the training songs, and the demo balances
+    facts per block of songs, so held-out songs' values are the rarest in train); see README."""
+    import mlflow
+    import pandas as pd
+
+    from vcritic.evaluate.scq import load_questions
+
+    s = job["summary"]
+    run = mlflow.get_run(s.run_id)
+    assert run.data.tags["scq_split"] == "test"
+    test, val, train = (set(pd.read_parquet(d)["song_id"]) for d in (s.prepared.test_dir, s.prepared.val_dir,
+                                                                      s.prepared.train_dir))
+    assert test and not test & val and not test & train and s.prepared.counts["test"] == run.data.metrics["data_test"]
+    for name in ("before", "after"):
+        report = mlflow.artifacts.load_dict(f"runs:/{s.run_id}/scq/{name}.json")
+        assert report["mode"] == "cloze" and report["questions"] == run.data.metrics[f"scq_questions_{name}"]
+        assert {r["id"] for r in report["results"]} <= {f"demo-{song[-3:]}-{c}" for song in test for c in range(9)}
+    questions = load_questions(s.scq_file)
+    assert len(questions) == run.data.metrics["scq_questions_after"]
+    assert {q.group for q in questions} == {"musical knowledge", "instrumentation"}
+
+
 def test_best_checkpoint_is_lowest_val_loss(job):
     s = job["summary"]
     assert s.best_val_loss == pytest.approx(min(history(job, "val_loss")))

@@ -11,6 +11,7 @@ so the dedup and quarantine stages have work to do.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ is the correct option."""
 
 GENRES = ("folk", "pop", "ambient", "chamber", "indie", "lo-fi")
 # fmt: on
+
+FACT_CATEGORIES = {"key": "musical knowledge", "tempo_bpm": "musical knowledge", "timbre": "instrumentation"}
+"""The public SCQ benchmark's category each demo fact belongs to."""
 
 DEGREE_NAMES = ("tonic", "second", "third", "fourth", "fifth", "sixth", "seventh", "octave")
 
@@ -233,6 +237,59 @@ def critique(
 def scq_answer(question: dict[str, Any], facts: dict[str, Any]) -> str:
     """The correct option of one of :data:`SCQ_QUESTIONS` for a row's ``facts``."""
     return question["answer_format"].format(facts[question["fact"]])
+
+
+def scq_file_questions(rows: Iterable[dict[str, Any]],
+                       bank: Sequence[dict[str, Any]] = SCQ_QUESTIONS) -> list[dict[str, Any]]:
+    """The questions of :data:`SCQ_QUESTIONS` about ``rows`` (manifest or shard rows with
+    ``facts``) in the public SCQ file format, one per (clip, fact) the row states.
+
+    Besides the public fields (``audio_path``, ``question``, ``options``, ``answer``, ``category``
+    from :data:`FACT_CATEGORIES`) each question keeps vcritic's optional ones: ``id``, ``fact``,
+    the clip's ``persona`` and ``context`` (what the critic was trained to read) and the fact's
+    ``stem`` (the words an answer continues in loglik mode)."""
+    from vcritic.evaluate.scq import LETTERS
+
+    out = []
+    for row in rows:
+        facts = row.get("facts") or {}
+        facts = json.loads(facts) if isinstance(facts, str) else dict(facts)
+        for entry in bank:
+            if entry["fact"] not in facts:
+                continue
+            options = [str(o) for o in entry["options"]]
+            answer = scq_answer(entry, facts)
+            if answer not in options:
+                raise ValueError(f"example {row['example_id']!r}: {entry['fact']}={facts[entry['fact']]!r} gives "
+                                 f"answer {answer!r}, which is not among the options {options}")
+            question = {"id": f"{row['example_id']}:{entry['fact']}", "audio_path": str(row["audio_path"]),
+                        "question": entry["question"], "options": options, "answer": LETTERS[options.index(answer)],
+                        "category": FACT_CATEGORIES.get(entry["fact"], entry["fact"]), "fact": entry["fact"],
+                        "stem": entry["stem"], "persona": str(row.get("persona") or ""),
+                        "context": str(row.get("context") or "")}
+            offset, duration = row.get("offset_s"), row.get("duration_s")
+            if offset:
+                question["offset_s"] = float(offset)
+            if duration is not None and duration == duration:  # not NaN
+                question["duration_s"] = float(duration)
+            out.append(question)
+    return out
+
+
+def write_scq_file(rows: Iterable[dict[str, Any]], path: str | Path,
+                   bank: Sequence[dict[str, Any]] = SCQ_QUESTIONS) -> Path:
+    """Write :func:`scq_file_questions` of ``rows`` (e.g. the test split's) as a JSONL SCQ file,
+    audio paths relative to its folder, for ``jobs/evaluate.py ... eval.scq_file=PATH``.
+
+    Raises:
+        ValueError: no row states a fact the bank asks about.
+    """
+    from vcritic.evaluate.scq import write_questions
+
+    questions = scq_file_questions(rows, bank)
+    if not questions:
+        raise ValueError("no SCQ questions: none of the rows states a fact (key, tempo_bpm, timbre) in its facts")
+    return write_questions(questions, path)
 
 
 def _write_wav(path: Path, samples: np.ndarray, sr: int) -> str:

@@ -59,6 +59,9 @@ class PreparedData:
     audio_num_codebooks: int = 1
     music_seconds_cut: float = 0.0
     """Seconds of music cut off clips longer than a natively hearing backbone's limit (summed)."""
+    test_dir: str = ""
+    """Shards of the test split (songs in neither train nor val, ``data.test_fraction``): only the
+    final evaluation reads them. The directory is absent when the split is empty."""
     local_root: str = ""
     """This node's copy of the small files (``audio_tokenizer_dir``, the quarantine, a from-scratch
     backbone); the same directory as ``root`` when ``run.output_dir`` is local."""
@@ -82,6 +85,7 @@ def _placed(data: dict[str, Any], stored: storage.Location, local_root: Path) ->
         data["backbone_spec"]["options"]["path"] = str(local_root / "base")
         data["shared_backbone_dir"] = stored.join("base").uri
     data.update(root=stored.uri, train_dir=stored.join("train").uri, val_dir=stored.join("val").uri,
+                test_dir=stored.join("test").uri,
                 quarantine_path=str(local_root / "quarantine.jsonl"), duplicates_path=str(local_root / "duplicates.jsonl"),
                 audio_tokenizer_dir=str(local_root / "audio_tokenizer"), local_root=str(local_root),
                 shared_audio_tokenizer_dir=stored.join("audio_tokenizer").uri)
@@ -282,7 +286,8 @@ def prepare(cfg) -> PreparedData:
     embedded = good.map_batches(stages.embed, batch_format="pandas", batch_size=32,
                                 fn_kwargs={"spec": to_dict(cfg.data.embedder), "sample_rate": sr}).materialize()
     kept, dropped = drop_duplicates(embedded, threshold=float(cfg.data.dedup_threshold))
-    kept = add_split_column(kept.drop_columns(["embedding"]), float(cfg.data.val_fraction), int(cfg.run.seed)).materialize()
+    kept = add_split_column(kept.drop_columns(["embedding"]), float(cfg.data.val_fraction), int(cfg.run.seed),
+                            test_fraction=float(cfg.data.test_fraction)).materialize()
 
     train_rows = kept.filter(expr=col("split") == "train")
     audio_tok = _fit_audio_tokenizer(cfg, train_rows, work / "audio_tokenizer")
@@ -308,7 +313,10 @@ def prepare(cfg) -> PreparedData:
         "audio_dir": audio_dir, "backbone_spec": stage_backbone,
         "max_prompt_tokens": int(cfg.model.max_prompt_tokens)}).materialize()
     ok = tokenized.filter(expr=col("error") == "").drop_columns(["error", "stage", "raw"])
-    for split in ("train", "val"):
+    split_counts = {split: ok.filter(expr=col("split") == split).count() for split in ("train", "val", "test")}
+    for split in ("train", "val", "test"):
+        if split == "test" and not split_counts[split]:
+            continue  # no test split (data.test_fraction=0 or too few songs): no directory
         shards = stored.join(split) if not stored.is_local else storage.location(str(work / split))
         ok.filter(expr=col("split") == split).write_parquet(shards.path, filesystem=shards.fs)
 
@@ -322,8 +330,8 @@ def prepare(cfg) -> PreparedData:
     clips_cut = ok.filter(expr=col("music_cut_s") > 0).count()
     seconds_cut = float(ok.sum("music_cut_s") or 0.0) if clips_cut else 0.0
     counts = {"input": checked.count(), "quarantined": len(bad), "near_duplicates": len(dup),
-              "train": ok.filter(expr=col("split") == "train").count(),
-              "val": ok.filter(expr=col("split") == "val").count(), "clips_cut": int(clips_cut)}
+              "train": split_counts["train"], "val": split_counts["val"], "test": split_counts["test"],
+              "clips_cut": int(clips_cut)}
     if clips_cut:
         log.warning("%d clips were longer than the backbone's audio limit and were cut (%.1f s of music dropped)",
                     clips_cut, seconds_cut)

@@ -54,6 +54,8 @@ class RunSummary:
     """Why SCQ accuracy was not measured (None: it was); also the MLflow tag ``scq_skipped_reason``."""
     train_history: dict[str, Any] = field(default_factory=dict)
     """Worker-group starts, optimizer steps run and resume points (see :func:`_train_history`)."""
+    scq_file: str | None = None
+    """The SCQ questions of the held-out split as a public-format JSONL file (None: none)."""
 
 
 def connect_ray(cfg) -> None:
@@ -81,10 +83,22 @@ class ScqPlan:
     skipped_reason: str | None = None
 
 
+def scq_split(prepared: PreparedData) -> tuple[str, str]:
+    """``(split name, shard dir)`` SCQ asks about: the test split, which neither training nor
+    checkpoint selection has seen; val only when there is no test split (``data.test_fraction=0``
+    or too few songs), with a warning, since val also picked the checkpoint."""
+    if prepared.counts.get("test") and prepared.test_dir:
+        return "test", prepared.test_dir
+    log.warning("no test split (data.test_fraction=0 or too few songs): SCQ asks about the val split, "
+                "which also picked the best checkpoint, so its accuracy is optimistic")
+    return "val", prepared.val_dir
+
+
 def scq_plan(cfg, val_dir: str) -> ScqPlan:
     """Decide whether SCQ runs: only when some of the first ``eval.scq_max_clips`` held-out rows
-    state (in ``facts``) a fact the question bank asks about. A user's own manifest usually has no
-    facts, so SCQ is then skipped with a reason instead of failing the job."""
+    (``val_dir``: the shards of the split asked about, see :func:`scq_split`) state (in ``facts``)
+    a fact the question bank asks about. A user's own manifest usually has no facts, so SCQ is
+    then skipped with a reason instead of failing the job."""
     from vcritic.evaluate.scq import load_bank, make_questions
 
     if not cfg.eval.scq:
@@ -92,7 +106,7 @@ def scq_plan(cfg, val_dir: str) -> ScqPlan:
     bank = load_bank(cfg.eval.scq_bank)
     rows = storage.read_parquet_rows(val_dir, int(cfg.eval.scq_max_clips))  # local or a URI
     if not rows:
-        return ScqPlan([], bank, skipped_reason="no held-out (val) rows to ask questions about")
+        return ScqPlan([], bank, skipped_reason="no held-out (test or val) rows to ask questions about")
     try:
         questions = make_questions(rows, bank)
     except ValueError as exc:
@@ -106,10 +120,32 @@ def scq_plan(cfg, val_dir: str) -> ScqPlan:
     return ScqPlan(rows, bank, len(questions))
 
 
-def _scq(critic, plan: ScqPlan) -> dict[str, float]:
-    from vcritic.evaluate.scq import scq_accuracy
+def _scq(critic, plan: ScqPlan, name: str | None = None) -> dict[str, float]:
+    """Cloze SCQ metrics of ``critic``; with ``name`` the full report (per-question results,
+    confusion per category) is logged as the artifact ``scq/<name>.json`` of the active run."""
+    from vcritic.evaluate.scq import scq_report
 
-    return scq_accuracy(critic, plan.rows, plan.bank)
+    report = scq_report(critic, plan.rows, plan.bank)
+    if name:
+        mlflow.log_dict(report.to_dict(), f"scq/{name}.json")
+    return report.metrics(confusion=False)
+
+
+def write_scq_file(plan: ScqPlan, prepared: PreparedData, split: str) -> str | None:
+    """The plan's questions as a public-format SCQ file ``scq_<split>.jsonl`` beside this node's
+    prepared data, for ``jobs/evaluate.py MODEL eval.scq_file=...`` (generative and loglik modes);
+    None when the rows have no clip paths or the bank does not fit them."""
+    from pathlib import Path
+
+    from vcritic.data.demo import write_scq_file as write
+
+    if plan.skipped_reason or not prepared.local_root:
+        return None
+    try:
+        return str(write(plan.rows, Path(prepared.local_root) / f"scq_{split}.jsonl", plan.bank))
+    except (KeyError, ValueError) as exc:
+        log.warning("no SCQ file written: %s", exc)
+        return None
 
 
 def _untrained_critic(cfg, prepared: PreparedData):
@@ -250,7 +286,10 @@ def run(cfg) -> RunSummary:
         log.info("data: %s", prepared.counts)
 
         metrics: dict[str, float] = {}
-        plan = scq_plan(cfg, prepared.val_dir)
+        split_name, split_dir = scq_split(prepared)
+        plan = scq_plan(cfg, split_dir)
+        mlflow.set_tag("scq_split", split_name)
+        scq_file = write_scq_file(plan, prepared, split_name)
         if plan.skipped_reason:
             log.warning("SCQ skipped: %s", plan.skipped_reason)
             mlflow.set_tag("scq_skipped_reason", plan.skipped_reason)
@@ -258,7 +297,7 @@ def run(cfg) -> RunSummary:
             con.stage("SCQ before")
             have = mlflow.get_run(run_id).data.metrics
             before = ({k[: -len("_before")]: v for k, v in have.items() if k.endswith("_before")}
-                      if "scq_accuracy_before" in have else _scq(_untrained_critic(cfg, prepared), plan))
+                      if "scq_accuracy_before" in have else _scq(_untrained_critic(cfg, prepared), plan, "before"))
             metrics.update({f"{k}_before": v for k, v in before.items()})
             _log_new_metrics({f"{k}_before": v for k, v in before.items()})
 
@@ -281,7 +320,7 @@ def run(cfg) -> RunSummary:
 
         if not plan.skipped_reason:
             con.stage("SCQ after")
-            after = _scq(Critic.from_export(export_dir), plan)
+            after = _scq(Critic.from_export(export_dir), plan, "after")
             metrics.update({f"{k}_after": v for k, v in after.items()})
             mlflow.log_metrics({f"{k}_after": v for k, v in after.items()})
 
@@ -297,7 +336,7 @@ def run(cfg) -> RunSummary:
             log.info("registry: %s", reason)
     return RunSummary(run_id, uri, cfg.mlflow.experiment, prepared, str(best_dir), float(best_metrics["val_loss"]),
                       metrics, info.model_uri, version, promoted, reason, scq_skipped_reason=plan.skipped_reason,
-                      train_history=history)
+                      train_history=history, scq_file=scq_file)
 
 
 def _train_history(board) -> dict[str, Any]:
