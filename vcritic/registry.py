@@ -61,6 +61,7 @@ FIRST_PARTY: dict[str, dict[str, str]] = {
     },
     "judges": {
         "openai_chat": "plugins.http.openai_chat:OpenAIChatJudge",
+        "gemini": "plugins.http.gemini:GeminiJudge",
     },
 }
 
@@ -69,7 +70,7 @@ INSTALL_HINTS: dict[str, str] = {
     "plugins.speech": "pip install -e '.[speech]'",
     "plugins.hf": "pip install -e .  (transformers and peft are core dependencies)",
     "plugins.kimi": "pip install the Kimi-Audio package (see plugins/kimi/semantic_tokenizer.py)",
-    "plugins.http": "pip install -e .  (requests is a core dependency)",
+    "plugins.http": "pip install -e .  (openai and google-genai are core dependencies)",
 }
 
 

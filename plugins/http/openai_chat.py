@@ -1,25 +1,31 @@
-"""Annotator and judge plugins for any OpenAI-compatible ``/chat/completions`` endpoint."""
+"""Annotator and judge plugins for any OpenAI-compatible chat-completions endpoint.
+
+Requests go through the maintained ``openai`` client (hosted OpenAI, vLLM, or any server that
+speaks ``POST <base_url>/chat/completions``), which retries 408/409/429/5xx replies, timeouts
+and dropped connections with exponential backoff and honours a server's ``Retry-After``.
+Keys come only from the environment (``api_key_env``, default ``OPENAI_API_KEY``).
+"""
 
 from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import re
+import threading
 from typing import Any
 
 import numpy as np
-import requests
 import soundfile as sf
 import soxr
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
-from vcritic.protocols import JudgeScore
+from plugins.http.keys import key_from_env
+from vcritic.evaluate.oeq import RubricScoring
+from vcritic.registry import require
+
+require("openai")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-RETRY_STATUSES = (429, 500, 502, 503, 504)
+NO_KEY = "EMPTY"  # what the client sends to a server that needs no key (vLLM's convention)
+_CLIENT_LOCK = threading.Lock()  # one client per plugin even when OEQ asks from several threads
 
 ANNOTATOR_SYSTEM = (
     "You review recordings of singing voice synthesis as a music critic. Listen to the clip "
@@ -30,50 +36,42 @@ ANNOTATOR_SYSTEM = (
     "tastes, vocabulary and tone. Answer with the critique only, no headings or lists."
 )
 
-JUDGE_SYSTEM = (
-    "You grade a critique of a sung recording by comparing it with a reference critique "
-    "written by a person who heard the same recording. Give three integer scores from 0 to "
-    "10. completeness: how many of the points in the reference the critique also covers. "
-    "accuracy: whether what the critique claims agrees with the reference and the song "
-    "facts; penalise claims the reference contradicts. novelty: sound, relevant "
-    "observations that the reference does not make. Reply with one JSON object with the keys "
-    '"completeness", "accuracy", "novelty" (numbers) and "rationale" (one or two sentences).'
-)
-
 
 class ChatCompletionError(RuntimeError):
-    """The endpoint failed, or answered with something that is not a chat completion."""
+    """The endpoint failed (after the client's retries), or answered with no chat completion."""
 
 
 class OpenAIChatClient:
-    """A minimal chat-completions client: retries on 429/5xx, timeout, bearer auth.
+    """One model behind an OpenAI-compatible endpoint, via the ``openai`` client.
 
-    ``base_url`` includes the API version, as in the OpenAI SDK ("https://host/v1"). The
-    key comes from ``api_key`` or else, at request time, from the environment variable
-    named by ``api_key_env``; with neither, no Authorization header is sent (local servers).
-    The HTTP session is created lazily and never pickled.
+    ``base_url`` includes the API version ("https://host/v1"). The key is read from
+    ``$api_key_env`` when the client is made (None: a server that needs no key). ``max_retries``
+    is the client's own retry budget for 408/409/429/5xx, timeouts and connection errors.
+    The underlying client is created lazily and never pickled (each process opens its own).
+
+    Raises:
+        plugins.http.keys.MissingAPIKeyError: ``$api_key_env`` is unset (the message names it).
     """
 
     def __init__(
         self,
         model: str,
         base_url: str = DEFAULT_BASE_URL,
-        api_key: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = "OPENAI_API_KEY",
         timeout: float = 120.0,
         max_retries: int = 3,
-        backoff_factor: float = 1.0,
     ) -> None:
-        if not model:
+        if not model or not isinstance(model, str):
             raise ValueError("model must be a non-empty model name")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.model = model
         self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
         self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff_factor = backoff_factor
-        self._session: requests.Session | None = None
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        key_from_env(api_key_env, self.url, "openai_chat")  # fail now, not at the first request
+        self._client: Any = None
 
     @property
     def url(self) -> str:
@@ -81,56 +79,67 @@ class OpenAIChatClient:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_session"] = None  # sockets and pools do not pickle; each process opens its own
+        state["_client"] = None  # sockets and pools do not pickle
         return state
 
-    def session(self) -> requests.Session:
-        if self._session is None:
-            retry = Retry(
-                total=self.max_retries,
-                status_forcelist=RETRY_STATUSES,
-                allowed_methods=frozenset({"POST"}),  # urllib3 does not retry POST by default
-                backoff_factor=self.backoff_factor,
-                raise_on_status=False,  # hand back the last response so its body can be reported
-            )
-            session = requests.Session()
-            session.mount("http://", HTTPAdapter(max_retries=retry))
-            session.mount("https://", HTTPAdapter(max_retries=retry))
-            self._session = session
-        return self._session
+    def client(self) -> Any:
+        with _CLIENT_LOCK:
+            if self._client is None:
+                import openai
 
-    def headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = self.api_key or os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+                key = key_from_env(self.api_key_env, self.url, "openai_chat") or NO_KEY
+                self._client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout,
+                                             max_retries=self.max_retries)
+            return self._client
 
     def complete(self, messages: list[dict[str, Any]], **params: Any) -> str:
-        """POST ``messages`` (plus ``params`` such as temperature) and return the reply text."""
-        body = {"model": self.model, "messages": messages, **params}
+        """Send ``messages`` (plus ``params`` such as temperature) and return the reply text.
+
+        Raises:
+            ChatCompletionError: naming the endpoint, after the client's retries: an HTTP error
+                (with the server's message), a timeout, no connection, or a reply that is not a
+                chat completion with text.
+        """
+        import openai
+
+        tries = f"{self.max_retries + 1} attempt(s)"
         try:
-            resp = self.session().post(self.url, json=body, headers=self.headers(), timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise ChatCompletionError(f"POST {self.url} failed: {type(exc).__name__}: {exc}") from exc
-        excerpt = resp.text[:500]
-        if resp.status_code != 200:
-            hint = ""
-            if resp.status_code == 401:
-                hint = f" (set api_key or the {self.api_key_env} environment variable)"
-            raise ChatCompletionError(f"POST {self.url} returned HTTP {resp.status_code}{hint}: {excerpt}")
-        try:
-            message = resp.json()["choices"][0]["message"]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            completion = self.client().chat.completions.create(model=self.model, messages=messages, **params)
+        except openai.APIStatusError as exc:
+            hint = f" (is {self.api_key_env} the right key?)" if exc.status_code in (401, 403) and self.api_key_env else ""
             raise ChatCompletionError(
-                f"POST {self.url} returned a malformed chat completion: {excerpt}"
+                f"POST {self.url} returned HTTP {exc.status_code} after {tries}{hint}: {_excerpt(exc)}"
             ) from exc
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, str) or not content.strip():
-            refusal = message.get("refusal") if isinstance(message, dict) else None
-            why = f"the model refused: {refusal}" if refusal else f"no text content in: {excerpt}"
-            raise ChatCompletionError(f"POST {self.url}: {why}")
-        return content.strip()
+        except openai.APITimeoutError as exc:
+            raise ChatCompletionError(f"POST {self.url} timed out ({self.timeout:g} s) on each of {tries}") from exc
+        except openai.APIConnectionError as exc:
+            raise ChatCompletionError(f"POST {self.url} failed after {tries}: {type(exc).__name__}: {exc}") from exc
+        except (openai.APIResponseValidationError, ValueError) as exc:  # a 200 whose body is not JSON
+            raise ChatCompletionError(f"POST {self.url} returned a malformed chat completion: {exc}") from exc
+        return _reply_text(completion, self.url)
+
+
+def _excerpt(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict) and body["error"].get("message"):
+        return str(body["error"]["message"])[:500]
+    response = getattr(exc, "response", None)
+    return (response.text if response is not None else str(exc))[:500]
+
+
+def _reply_text(completion: Any, url: str) -> str:
+    """The text of the first choice, or a ChatCompletionError saying what the reply lacks."""
+    choices = getattr(completion, "choices", None)
+    if not choices:
+        shown = completion.model_dump_json(exclude_none=True) if hasattr(completion, "model_dump_json") else completion
+        raise ChatCompletionError(f"POST {url} returned a malformed chat completion (no choices): {str(shown)[:500]}")
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    if not isinstance(content, str) or not content.strip():
+        refusal = getattr(message, "refusal", None)
+        why = f"the model refused: {refusal}" if refusal else "no text content in the reply"
+        raise ChatCompletionError(f"POST {url}: {why} (finish_reason={getattr(choices[0], 'finish_reason', None)})")
+    return content.strip()
 
 
 def wav_base64(samples: np.ndarray, sample_rate: int, target_rate: int = 16000) -> str:
@@ -152,8 +161,7 @@ class OpenAIChatAnnotator:
         self,
         model: str = "gpt-4o-audio-preview",
         base_url: str = DEFAULT_BASE_URL,
-        api_key: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = "OPENAI_API_KEY",
         timeout: float = 120.0,
         max_retries: int = 3,
         temperature: float = 0.7,
@@ -161,7 +169,7 @@ class OpenAIChatAnnotator:
         upload_rate: int = 16000,
         system_prompt: str = ANNOTATOR_SYSTEM,
     ) -> None:
-        self.client = OpenAIChatClient(model, base_url, api_key, api_key_env, timeout, max_retries)
+        self.client = OpenAIChatClient(model, base_url, api_key_env, timeout, max_retries)
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.upload_rate = upload_rate
@@ -189,73 +197,34 @@ class OpenAIChatAnnotator:
         )
 
 
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+class OpenAIChatJudge(RubricScoring):
+    """The ``Judge`` plugin ``openai_chat``: a chat model behind an OpenAI-compatible endpoint
+    answers the OEQ rubric prompts (:mod:`vcritic.evaluate.oeq` writes them and reads the scores).
 
-
-def parse_judge_reply(reply: str) -> JudgeScore:
-    """Parse the judge's JSON reply (0-10 scores) into a :class:`JudgeScore` in [0, 1].
-
-    Raises:
-        ValueError: the reply is not a JSON object with the three scores in range.
+    ``extra_body`` is merged into each request (e.g. ``{"top_k": 1}`` for vLLM).
     """
-    text = reply.strip()
-    fenced = _FENCE.match(text)  # some servers wrap JSON in a code fence despite json mode
-    if fenced:
-        text = fenced.group(1)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"judge reply is not JSON: {reply!r}") from exc
-    if not isinstance(obj, dict):
-        raise ValueError(f"judge reply is not a JSON object: {reply!r}")
-    scores = {}
-    for key in ("completeness", "accuracy", "novelty"):
-        value = obj.get(key)
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        # bool is an int subclass; a true/false score means the model misread the format
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"judge reply has no numeric {key!r}: {reply!r}")
-        if not 0.0 <= float(value) <= 10.0:
-            raise ValueError(f"judge score {key}={value} is outside 0-10: {reply!r}")
-        scores[key] = float(value) / 10.0
-    rationale = obj.get("rationale", "")
-    return JudgeScore(rationale=rationale if isinstance(rationale, str) else json.dumps(rationale), **scores)
-
-
-class OpenAIChatJudge:
-    """The ``Judge`` plugin ``openai_chat``: an LLM grades a critique against a reference."""
 
     def __init__(
         self,
         model: str = "gpt-4o-mini",
         base_url: str = DEFAULT_BASE_URL,
-        api_key: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = "OPENAI_API_KEY",
         timeout: float = 60.0,
         max_retries: int = 3,
         temperature: float = 0.0,
-        system_prompt: str = JUDGE_SYSTEM,
+        max_tokens: int | None = 1024,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
-        self.client = OpenAIChatClient(model, base_url, api_key, api_key_env, timeout, max_retries)
+        self.client = OpenAIChatClient(model, base_url, api_key_env, timeout, max_retries)
+        self.model = model
         self.temperature = temperature
-        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.extra_body = dict(extra_body or {})
 
-    def messages(self, critique: str, reference: str, context: str) -> list[dict]:
-        parts = [f"Song facts: {context}"] if context else []
-        parts += [f"Reference critique:\n{reference}", f"Critique to grade:\n{critique}"]
-        return [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": "\n\n".join(parts)},
-        ]
-
-    def score(self, critique: str, reference: str, context: str) -> JudgeScore:
-        reply = self.client.complete(
-            self.messages(critique, reference, context),
-            temperature=self.temperature,
-            response_format={"type": "json_object"},
-        )
-        return parse_judge_reply(reply)
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        params: dict[str, Any] = {"temperature": self.temperature}
+        if self.max_tokens is not None:
+            params["max_tokens"] = self.max_tokens
+        if self.extra_body:
+            params["extra_body"] = self.extra_body
+        return self.client.complete(messages, **params)

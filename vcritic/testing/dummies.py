@@ -52,13 +52,41 @@ class FakeSeparator:
 
 
 class FakeJudge:
-    """Gives every critique the same score (a float means the same value on all three axes)."""
+    """A judge that gives every critique the same scores, through the real OEQ rubric path.
 
-    def __init__(self, score: JudgeScore | float = 0.5) -> None:
+    ``complete`` recognises which OEQ rubric it is asked (:func:`vcritic.evaluate.oeq.rubric_of`)
+    and answers in that rubric's format ("Score: 8/16", "Accuracy: 50%", "Score: 5/10"), so
+    :func:`vcritic.evaluate.oeq.judge_oeq` parses it like a real judge's reply. ``replies`` maps a
+    rubric to a fixed reply text instead (e.g. an unparsable one). A float ``score`` means the
+    same value on all three axes. ``score`` returns the fixed :class:`JudgeScore` directly.
+    """
+
+    def __init__(self, score: JudgeScore | float = 0.5, model: str = "fake-judge",
+                 replies: dict[str, str] | None = None) -> None:
         if not isinstance(score, JudgeScore):
             score = JudgeScore(float(score), float(score), float(score), "fake")
         self.fixed = score
+        self.model = model
+        self.replies = dict(replies or {})
         self.calls: list[tuple[str, str, str]] = []
+        self.completions: list[list[dict[str, str]]] = []
+
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        from vcritic.evaluate.oeq import RUBRICS, rubric_of
+
+        self.completions.append([dict(m) for m in messages])
+        rubric = rubric_of(messages)
+        if rubric is None:
+            return "ok"
+        if rubric in self.replies:
+            return self.replies[rubric]
+        value = getattr(self.fixed, rubric)
+        if value is None:
+            return "I cannot grade this."
+        points = RUBRICS[rubric].max_points
+        if points is None:
+            return f"Fake fact check.\nAccuracy: {100.0 * value:g}%"
+        return f"Fake grading.\nScore: {value * points:g}/{points:g}"
 
     def score(self, critique: str, reference: str, context: str) -> JudgeScore:
         self.calls.append((critique, reference, context))
