@@ -71,6 +71,18 @@ def tokens(critiques) -> list[tuple[list[int], list[list[int]]]]:
     return [(c.text_tokens, c.audio_tokens.tolist()) for c in critiques]
 
 
+def sharpen(critic: Critic, std: float = 0.15) -> Critic:
+    """Redraw every weight matrix larger than the 0.02 init. A freshly initialised critic's logits
+    are nearly flat, so a misplaced position or a stale cache entry barely moves them and greedy
+    tokens hide the bug (one did: every generated token sat one position too far); sharp logits
+    turn such an error into different tokens."""
+    with torch.no_grad():
+        for weight in critic.model.parameters():
+            if weight.ndim == 2:
+                weight.normal_(0.0, std)
+    return critic
+
+
 def assert_cached_equals_recompute(critic: Critic, heards: list[Heard], **settings) -> list:
     cached = critic.generate(heards, settings=critic.settings(cache=True, batch_size=len(heards), **settings))
     recomputed = critic.generate(heards, settings=critic.settings(cache=False, **settings))
@@ -85,13 +97,42 @@ def critic(spec):
 
 
 # --- exactness: cached == recompute ---------------------------------------------------------------
-def test_cached_greedy_equals_recompute_text_and_speech(critic):
+def test_cached_greedy_equals_recompute_text_and_speech(spec):
+    critic = sharpen(plain_critic(spec, seed=3))
     out = assert_cached_equals_recompute(critic, plain_heards(critic), **SHORT)
     assert all(len(c.text_tokens) <= 12 and len(c.audio_tokens) <= 8 for c in out)
 
 
+def test_long_cached_logits_equal_one_full_forward(spec):
+    """Over 200 forced tokens, batched and left-padded, the logits the cached path picks each token
+    from equal those of one teacher-forced forward of the whole sequence: the cache neither drifts
+    nor misplaces positions however long the critique gets. (Token-for-token equality with the
+    recompute path is checked on short critiques only: a random critic's near-flat logits let float
+    rounding flip an argmax somewhere in hundreds of tokens, and from there the critiques differ.)"""
+    from vcritic.models.generation import generate_text
+
+    class Recording(Sampler):
+        seen: list[torch.Tensor] = []
+
+        def text_logits(self, logits, history, step, end_id):
+            self.seen.append(logits.float().clone())
+            return super().text_logits(logits, history, step, end_id)
+
+    critic = sharpen(plain_critic(spec, seed=2))
+    heards = plain_heards(critic)
+    n = 200
+    sampler = Recording(critic.settings(max_text_tokens=n, min_text_tokens=n))
+    texts = generate_text(critic.model, [critic._streams(h, None) for h in heards], sampler)
+    cached = torch.stack(sampler.seen, dim=1)  # [clips, n, vocab]
+    for i, (heard, text) in enumerate(zip(heards, texts, strict=True)):
+        assert len(text) == n
+        streams = critic._streams(heard, text)
+        full, _ = critic._logits(streams.cut(len(streams) - 1), with_audio=False)
+        torch.testing.assert_close(cached[i], full[0, -(n + 1):-1].float(), atol=1e-3, rtol=1e-4)
+
+
 def test_cached_greedy_equals_recompute_with_three_codebooks(spec):
-    critic = plain_critic(spec, num_codebooks=3, seed=1)
+    critic = sharpen(plain_critic(spec, num_codebooks=3, seed=1))
     out = assert_cached_equals_recompute(critic, plain_heards(critic), max_text_tokens=6, max_audio_tokens=6,
                                          min_audio_tokens=3)
     assert all(c.audio_tokens.shape[1] == 3 and len(c.audio_tokens) >= 3 for c in out)
@@ -104,7 +145,7 @@ def test_cached_equals_recompute_on_qwen_omni(tmp_path_factory):
     spec = {"name": "qwen2_5_omni_thinker", "options": {"path": str(path), "dtype": "float32"}}
     torch.manual_seed(0)
     model, tok = build.build_critic(spec, MODEL_CFG, audio_codes=16, feature_dim=8)
-    critic = Critic(model, tok, SilentCodec(), {"model": dict(MODEL_CFG)})
+    critic = sharpen(Critic(model, tok, SilentCodec(), {"model": dict(MODEL_CFG)}))
     hearing, rng = critic.hearing, np.random.default_rng(0)
     heards = []
     for seconds, (persona, context) in zip((0.7, 1.3), PERSONAS, strict=False):  # two lengths: padding + mrope
@@ -121,7 +162,7 @@ def test_cached_equals_recompute_on_kimi_audio(tmp_path_factory):
     spec = {"name": "kimi_audio", "options": {"path": str(path), "dtype": "float32"}}
     cfg = {**MODEL_CFG, "audio_head_layers": 2}
     model, tok = build.build_critic(spec, cfg, audio_codes=40, feature_dim=64)
-    critic = Critic(model, tok, SilentCodec(), {"model": cfg})
+    critic = sharpen(Critic(model, tok, SilentCodec(), {"model": cfg}))
     rng = np.random.default_rng(0)
     heards = [Heard(critic.hearing.prompt(tok, persona, context), n, rng.integers(0, 40, (n, 1)),
                     native_features=rng.standard_normal((n, 64)).astype(np.float32))

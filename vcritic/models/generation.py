@@ -236,9 +236,9 @@ def generate_text(critic, prompts: Sequence[Streams], sampler: Sampler) -> list[
             break
         history = torch.cat([history, token[:, None]], dim=1)
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        last = last + 1
         embeds = critic.embed_generated(token[:, None], audio_pad)
         logits, _ = critic.cached_step(embeds, mask, step_positions(last, positions), past)
+        last = last + 1
     return texts
 
 
@@ -273,7 +273,7 @@ def generate_speech(critic, critiques: Sequence[Streams], sampler: Sampler) -> l
         if finished.all():
             break
         mask = torch.cat([mask, mask.new_ones(count, 1)], dim=1)
-        last = last + 1
         embeds = critic.embed_generated(slot, torch.as_tensor(row, device=mask.device)[:, None])
         _, logits = critic.cached_step(embeds, mask, step_positions(last, positions), trunk_past, branch_past)
+        last = last + 1
     return [np.stack(r) for r in rows]
