@@ -64,16 +64,22 @@ def test_audio_durations(built) -> None:
         assert (example.duration_s, example.target_duration_s, example.offset_s) == (3.0, 1.0, 0.0)
 
 
-def test_facts_are_balanced_and_pairwise_independent(built) -> None:
+def test_songs_take_the_fact_triples_in_a_seeded_random_order(built) -> None:
     _, rows = built
-    facts = [json.loads(r["facts"]) for r in originals(rows)]
-    for name, values in (("key", demo.KEYS), ("timbre", demo.TIMBRES), ("tempo_bpm", demo.TEMPOS)):
-        assert Counter(f[name] for f in facts) == {v: 4 for v in values}  # 8 songs x 2 clips
-    # Over 16 songs every pair of facts, and each fact with the persona slot, meets exactly once.
-    table = [demo.song_facts(song) for song in range(16)]
-    columns = {"slot": [s % 4 for s in range(16)], **{k: [f[k] for f in table] for k in table[0]}}
-    for a, b in itertools.combinations(columns, 2):
-        assert len(set(zip(columns[a], columns[b], strict=True))) == 16, (a, b)
+    for row in originals(rows):  # every clip of a song states that song's own facts
+        assert json.loads(row["facts"]) == demo.song_facts(int(row["song_id"].rsplit("-", 1)[1]))
+    names = ("key", "timbre", "tempo_bpm")
+    for seed in (0, 1):
+        cycle = [demo.song_facts(song, seed) for song in range(demo.COMBINATIONS)]
+        # 64 songs: every triple once, so every value 16 times and every pair of values 4 times.
+        assert len({tuple(f[n] for n in names) for f in cycle}) == demo.COMBINATIONS == 64
+        for a, b in itertools.combinations(names, 2):
+            assert set(Counter((f[a], f[b]) for f in cycle).values()) == {4}, (a, b)
+        # Not in a fixed pattern: neither the first songs nor the next cycle repeat the first.
+        firsts = [tuple(f[n] for n in names) for f in cycle[:16]]
+        assert len({f[0] for f in firsts}) > 1 and len({f[2] for f in firsts}) > 1
+        assert [demo.song_facts(song, seed) for song in range(64, 128)] != cycle
+    assert [demo.song_facts(s, seed=1) for s in range(8)] != [demo.song_facts(s) for s in range(8)]
 
 
 def test_texts_state_the_facts_with_the_scq_wording(built) -> None:

@@ -2,9 +2,11 @@
 
 Every song has three facts that can be heard in its audio: a key (tonic drone plus a
 major-scale melody that starts and ends on the tonic), a tempo (one note per beat) and a
-lead timbre (additive synthesis). Critiques state the facts with fixed phrasings, so a
-tiny critic can learn them in minutes and evaluation can score them as single-choice
-questions (:data:`SCQ_QUESTIONS`). The set also holds near-duplicates and two broken rows
+lead timbre (additive synthesis). Songs take the 64 (key, tempo, timbre) triples in a seeded
+random order (:func:`song_facts`), so the songs a split holds out are a random sample and only
+hearing, not the training songs' prior, predicts their facts. Critiques state the facts
+with fixed phrasings, so a tiny critic can learn them in minutes and evaluation can score
+them as single-choice questions (:data:`SCQ_QUESTIONS`). The set also holds near-duplicates and two broken rows
 so the dedup and quarantine stages have work to do.
 """
 
@@ -104,28 +106,27 @@ PERSONAS: dict[str, tuple[dict[str, Any], ...]] = {
 # fmt: on
 
 
-# GF(4) multiplication: rows 1, 2, 3 of it turn (block, position) into three mutually
-# orthogonal Latin squares, so within 16 songs every pair of factors meets exactly once.
-_GF4_MUL = ((0, 0, 0, 0), (0, 1, 2, 3), (0, 2, 3, 1), (0, 3, 1, 2))
+COMBINATIONS = len(KEYS) * len(TEMPOS) * len(TIMBRES)
+"""How many distinct (key, tempo, timbre) triples there are: 64."""
 
 
 def song_facts(song: int, seed: int = 0) -> dict[str, Any]:
-    """Key, tempo and timbre of song ``song``.
+    """Key, tempo and timbre of song ``song``: entry ``song % 64`` of a seeded random order of all
+    64 (key, tempo, timbre) triples, a fresh order for each next 64 songs.
 
-    Every block of four songs uses each value of each fact once, and within every 16 songs
-    each pair of facts (and each fact with the persona slot ``song % 4``) meets exactly
-    once, so no fact or persona predicts another. Each group of 16 relabels the values
-    at random, so the same fact combinations do not simply repeat.
+    Why a random order of triples: a split holds some songs out, and a critic should have to
+    hear their facts. Songs balanced in small blocks (each value once per four songs) would make
+    the held-out songs' values exactly the rarest among the training songs, so a critic that
+    answered from the training prior would score about zero on them. Here any set of songs is a
+    random sample of the triples: the prior says next to nothing about a held-out song (over all
+    64 songs each value still comes 16 times and each pair of values 4 times). And no two of 64
+    songs share all three facts; such songs sound so alike that the dedup stage would drop one.
     """
-    block, slot = divmod(song, 4)
-    relabel = np.random.default_rng([seed, 0, block // 4])
-    key_map, timbre_map, tempo_map = (relabel.permutation(4) for _ in range(3))
-    row = block % 4
-    return {
-        "key": KEYS[key_map[_GF4_MUL[1][row] ^ slot]],
-        "tempo_bpm": TEMPOS[tempo_map[_GF4_MUL[3][row] ^ slot]],
-        "timbre": TIMBRES[timbre_map[_GF4_MUL[2][row] ^ slot]],
-    }
+    cycle, index = divmod(song, COMBINATIONS)
+    triple = int(np.random.default_rng([seed, 0, cycle]).permutation(COMBINATIONS)[index])
+    key, rest = divmod(triple, len(TEMPOS) * len(TIMBRES))
+    tempo, timbre = divmod(rest, len(TIMBRES))
+    return {"key": KEYS[key], "tempo_bpm": TEMPOS[tempo], "timbre": TIMBRES[timbre]}
 
 
 def _midi_hz(midi: float) -> float:

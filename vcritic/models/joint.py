@@ -41,6 +41,11 @@ class MusicEncoder(nn.Module):
         self.frame_proj = nn.Linear(feature_dim, hidden)
         nn.init.normal_(self.frame_proj.weight, std=0.02)
         nn.init.zeros_(self.frame_proj.bias)
+        # What the per-frame norm removes, put back relative to the clip: each frame's level and its
+        # change from the frame before. The loudness envelope is where rhythm (tempo, note onsets) shows.
+        self.level_proj = nn.Linear(2, hidden)
+        nn.init.normal_(self.level_proj.weight, std=0.1)  # about as large as frame_proj's output at the start
+        nn.init.zeros_(self.level_proj.bias)
         self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2) for _ in range(layers))
         for conv in self.convs:
             # Start as the identity so a pretrained trunk sees plain embeddings at first.
@@ -49,10 +54,24 @@ class MusicEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(-1).to(x.dtype)
-        h = (x + self.frame_proj(self.frame_norm(frames.to(x.dtype)))) * m
+        f = frames.to(x.dtype)
+        h = (x + self.frame_proj(self.frame_norm(f)) + self.level_proj(self.envelope(f, m))) * m
         for conv in self.convs:
             h = h + F.gelu(conv(h.transpose(1, 2)).transpose(1, 2)) * m
         return x * (1 - m) + h
+
+    @staticmethod
+    def envelope(frames: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """[B, T, 2]: each music frame's mean feature (its log level), standardised over its row's
+        music span (so a clip's overall loudness does not matter), and that level's step from the
+        previous frame; zero outside the span."""
+        level = frames.mean(dim=-1, keepdim=True)
+        count = m.sum(dim=1, keepdim=True).clamp_min(1.0)
+        mean = (level * m).sum(dim=1, keepdim=True) / count
+        std = ((((level - mean) * m) ** 2).sum(dim=1, keepdim=True) / count).sqrt()
+        z = (level - mean) / (std + 1e-3) * m
+        step = (z - F.pad(z, (0, 0, 1, 0))[:, :-1]) * m
+        return torch.cat([z, step], dim=-1)
 
 
 @dataclass
