@@ -69,7 +69,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     over hundreds of tokens float rounding (a cached vs. a full forward sum in different orders)
     can flip one argmax; from there the two critiques differ."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # one may be shorter
         if x != y:
             break
         n += 1

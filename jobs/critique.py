@@ -26,7 +26,6 @@ import html
 import inspect
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -38,8 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 log = logging.getLogger("vcritic.critique")
 
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-              "RAY_USAGE_STATS_ENABLED": "0", "TRANSFORMERS_VERBOSITY": "error"}
 COLUMNS = ("id", "audio_path", "offset_s", "duration_s", "persona", "context")
 
 
@@ -226,20 +223,6 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, model_uri: str, copy_cl
 
 
 # -- the job -----------------------------------------------------------------------------------
-def connect_ray(cfg) -> None:
-    """Join ``ray.address`` / ``$RAY_ADDRESS`` (``ray job submit``), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": WORKER_ENV})
-
-
 def run(model_uri: str, source: str, cfg) -> dict[str, Any]:
     """Critique every clip of ``source``; returns a summary (paths, counts, MLflow run id)."""
     import mlflow
@@ -248,6 +231,7 @@ def run(model_uri: str, source: str, cfg) -> dict[str, Any]:
 
     from vcritic import storage
     from vcritic.tracking import tracking_uri
+    from vcritic.train.driver import connect_ray  # the training job's: same Ray, same worker env
 
     c = cfg.critique
     rows = read_inputs(source, c.persona, c.context, list(c.extensions))

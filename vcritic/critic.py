@@ -25,7 +25,14 @@ import torch
 
 from vcritic.data.schema import AudioRef
 from vcritic.models.codebooks import undelay
-from vcritic.models.generation import GenerationSettings, Sampler, generate_speech, generate_text, place_row, speech_prompt
+from vcritic.models.generation import (
+    GenerationSettings,
+    Sampler,
+    generate_speech,
+    generate_text,
+    place_row,
+    speech_prompt,
+)
 from vcritic.models.sequence import IGNORE, Heard, Streams, collate, heard_from_columns, heard_streams
 
 __all__ = ["Critic", "Critique", "CritiqueRequest", "Heard"]

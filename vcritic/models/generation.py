@@ -171,7 +171,7 @@ def left_pad(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = dict(batch)
     for key in PER_POSITION:
         if key in batch:
-            out[key] = torch.stack([torch.roll(t, int(width - n), dims=0) for t, n in zip(batch[key], lengths)])
+            out[key] = torch.stack([torch.roll(t, int(width - n), dims=0) for t, n in zip(batch[key], lengths, strict=True)])
     return out
 
 

@@ -36,7 +36,10 @@ def assert_cached_layers_match(backbone, model, hidden: torch.Tensor, mask: torc
     split = length - 3 if prefill is None else prefill
     if position_ids is None:
         position_ids = torch.arange(length, device=hidden.device).unsqueeze(0).expand(hidden.shape[0], -1)
-    cut = (lambda p, a, b: p[..., a:b])
+
+    def cut(p, a, b):
+        return p[..., a:b]
+
     with torch.no_grad():
         whole = backbone.run_layers(model, copies, hidden, mask, position_ids)
         past = DynamicCache(config=model.config)
