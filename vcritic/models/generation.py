@@ -23,27 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from vcritic.config import GenerateConfig, generate_problems
 from vcritic.models.sequence import IGNORE, Streams, Vocab, collate
 
 __all__ = ["GenerationSettings", "Sampler", "place_row", "generate_text", "generate_speech", "left_pad"]
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Validated generation settings (the fields of :class:`vcritic.config.GenerateConfig`)."""
-
-    max_text_tokens: int = 512
-    max_audio_tokens: int = 768
-    min_text_tokens: int = 0
-    min_audio_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    audio_temperature: float | None = None
-    audio_top_p: float | None = None
-    batch_size: int = 8
-    seed: int = 0
-    cache: bool = True
+@dataclass
+class GenerationSettings(GenerateConfig):
+    """Validated generation settings: the fields of :class:`vcritic.config.GenerateConfig` (one list
+    of names and defaults for the config, the export and the calls), built by :meth:`resolve`."""
 
     @classmethod
     def resolve(cls, base: Mapping[str, Any] | None = None, where: str = "model.generate",
@@ -56,8 +45,6 @@ class GenerationSettings:
         Raises:
             ValueError: an unknown key or an invalid value, naming it (``where.<key>``) and the fix.
         """
-        from vcritic.config import generate_problems
-
         values = {**dict(base or {}), **{k: v for k, v in overrides.items() if v is not None}}
         for low, high in (("min_text_tokens", "max_text_tokens"), ("min_audio_tokens", "max_audio_tokens")):
             if high in overrides and isinstance(values.get(high), int) and isinstance(values.get(low), int) \
