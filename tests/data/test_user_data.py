@@ -199,3 +199,27 @@ def test_user_manifest_prepares_with_repeats_and_absurd_rows_quarantined(user_pr
 def test_user_manifest_rerun_is_idempotent(user_prepared):
     cfg, _, p = user_prepared
     assert prepare(cfg) == p
+
+
+def test_fingerprint_follows_each_audio_file_not_only_the_manifest_text(tmp_path):
+    rows = _rows(tmp_path, songs=2)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load("demo")
+    first = fingerprint(cfg, manifest)
+    assert fingerprint(cfg, manifest) == first
+    # Same path, same manifest bytes, new audio (a re-rendered take): the prepared data is stale.
+    write_wav(Path(rows[0]["audio_path"]), sine(330.0, 2.5, 16000), 16000)
+    rerendered = fingerprint(cfg, manifest)
+    assert rerendered != first
+    Path(rows[1]["audio_path"]).unlink()  # a missing file changes it too (its rows get quarantined)
+    assert fingerprint(cfg, manifest) != rerendered
+
+
+def test_regenerating_the_demo_keeps_its_fingerprint(tmp_path):
+    from vcritic.data import demo
+
+    cfg = load("demo")
+    manifest = demo.generate(tmp_path, songs=3, clips_per_song=2, near_duplicates=1)
+    first = fingerprint(cfg, manifest)
+    assert fingerprint(cfg, demo.generate(tmp_path, songs=3, clips_per_song=2, near_duplicates=1)) == first

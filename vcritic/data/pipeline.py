@@ -2,7 +2,7 @@
 tokenized Parquet shards, every step a Ray Data operation over CPU workers.
 
 Outputs go to ``<output_dir>/prepared/<fingerprint>/``; the fingerprint covers the manifest
-bytes and every setting that changes the result, so a rerun with the same inputs reuses
+bytes, each audio file's identity (path, size, modification time) and every setting that changes the result, so a rerun with the same inputs reuses
 the finished directory and a changed input gets a new one. Work happens in a ``.partial``
 directory renamed at the end, so an interrupted run never leaves half-written shards.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -174,9 +175,45 @@ def _hash_manifest(h, manifest: Path) -> None:
                 h.update(chunk)
 
 
+AUDIO_COLUMNS = ("audio_path", "target_audio_path")
+
+
+def _audio_paths(manifest: Path) -> list[str]:
+    """Every distinct audio file a manifest names (``audio_path`` and ``target_audio_path``), sorted."""
+    paths: set[str] = set()
+    for path in manifest_files(manifest):
+        if path.suffix == ".parquet":
+            names = pq.ParquetFile(path).schema_arrow.names
+            frame = pq.read_table(path, columns=[c for c in AUDIO_COLUMNS if c in names]).to_pandas()
+        else:
+            frame = pd.read_json(path, lines=True, dtype=False)
+        for column in AUDIO_COLUMNS:
+            if column in frame:
+                paths.update(str(v) for v in frame[column].dropna() if isinstance(v, str) and v)
+    return sorted(paths)
+
+
+def hash_audio_files(h, paths: list[str]) -> None:
+    """Feed each audio file's identity into ``h``: its path, size and modification time (nanoseconds).
+
+    A re-rendered or replaced recording at the same path then changes the fingerprint, so the
+    prepared data made from the old audio is not reused. Size plus mtime is what ``make`` and
+    ``rsync`` trust; hashing every byte would read a terabyte-scale corpus once per job start. A
+    missing file is hashed as missing (validation quarantines its rows) and a URI by its text only.
+    """
+    for path in paths:
+        try:
+            st = os.stat(path)
+            identity = [path, st.st_size, st.st_mtime_ns]
+        except (OSError, ValueError):
+            identity = [path, None, None]
+        h.update(json.dumps(identity).encode() + b"\0")
+
+
 def fingerprint(cfg, manifest: Path) -> str:
     h = hashlib.sha256()
     _hash_manifest(h, manifest)
+    hash_audio_files(h, _audio_paths(manifest))
     settings = {k: v for k, v in to_dict(cfg.data).items() if k not in ("manifest", "demo")}
     h.update(json.dumps({"format": FORMAT, "data": settings, "seed": cfg.run.seed,
                          "backbone": to_dict(cfg.model.backbone),
