@@ -40,10 +40,13 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +226,24 @@ def read_parquet_rows(place: str, limit: int) -> list[dict[str, Any]]:
         return []
     table = pads.dataset(sorted(files), filesystem=loc.fs, format="parquet").head(int(limit))
     return table.to_pandas().to_dict("records")
+
+
+def read_parquet_columns(place: str, columns: list[str]) -> pd.DataFrame:
+    """Only ``columns`` of every row of a directory of Parquet shards (local or URI); an empty frame
+    with those columns when the directory is missing or holds no shards. Columns a shard lacks are
+    left out."""
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    loc = location(place)
+    if loc.fs.get_file_info(loc.path).type != pafs.FileType.Directory:
+        return pd.DataFrame(columns=columns)
+    files = [f.path for f in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+             if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+    if not files:
+        return pd.DataFrame(columns=columns)
+    dataset = pads.dataset(sorted(files), filesystem=loc.fs, format="parquet")
+    return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names]).to_pandas()
 
 
 def local_copy(place: str) -> str:

@@ -88,3 +88,19 @@ def test_validate_reasons(tmp_path):
     assert "silent" in out["quiet"]
     assert "source 'radio'" in out["src"]
     assert "past the end" in out["late"]
+
+
+def test_data_report_tables_match_the_shards_and_the_quarantine(prepared):
+    from vcritic.data import report
+
+    _, p = prepared
+    summary = report.summary_table(p)
+    for split in ("train", "val"):
+        assert summary.loc[summary["split"] == split, "examples"].sum() == p.counts[split]
+    assert set(summary["source"]) == {"human", "mllm"}  # the demo alternates sources per song
+    assert (summary["music_seconds"] > 0).all() and (summary["mean_critique_words"] > 3).all()
+    quarantine = report.quarantine_table(p)
+    assert quarantine.set_index("stage")["rows"].to_dict() == {"validate": p.counts["quarantined"]}
+    samples = report.sample_rows(p, per_source=2)
+    assert len(samples) == 4 and samples.groupby("source").size().to_dict() == {"human": 2, "mllm": 2}
+    assert samples["target_text"].str.len().max() <= 401

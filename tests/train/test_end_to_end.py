@@ -122,6 +122,9 @@ def test_params_artifacts_and_scq(job):
     assert 0.0 <= m["scq_accuracy_after"] <= 1.0
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "data")}
     assert "data/quarantine.jsonl" in names
+    summary = mlflow.load_table("data/summary.json", run_ids=[run.info.run_id])
+    assert summary["examples"].sum() == sum(job["summary"].prepared.counts[k] for k in ("train", "val", "test"))
+    assert {"data/samples.json", "data/quarantine_by_stage.json"} <= names
 
 
 def test_scq_asks_about_the_test_split_which_no_training_or_selection_saw(job):

@@ -18,6 +18,7 @@ import ray
 
 from vcritic import progress, storage
 from vcritic.config import flatten, to_dict
+from vcritic.data import report as data_report
 from vcritic.data.pipeline import PreparedData, prepare
 from vcritic.tracking import log_critic, register, tracking_uri
 from vcritic.train.loop import RANK_KEY, MlflowTarget, PreparedInputs, WorkerTask
@@ -283,6 +284,7 @@ def run(cfg) -> RunSummary:
         _log_new_metrics({f"data_{k}": float(v) for k, v in prepared.counts.items()})
         mlflow.log_artifact(prepared.quarantine_path, "data")
         mlflow.log_artifact(prepared.duplicates_path, "data")
+        data_report.log_to_mlflow(prepared)  # rows per split and source, quarantine per stage, samples
         log.info("data: %s", prepared.counts)
 
         metrics: dict[str, float] = {}
