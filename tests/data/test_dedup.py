@@ -208,7 +208,7 @@ def test_ray_path_matches_in_process_and_is_idempotent(ray_local, small):
 
 def test_ray_path_with_ivf_index_and_list_embeddings(ray_local, monkeypatch):
     ids, x, groups, *_ = planted(n=2000, d=16, n_pairs=8, seed=4)
-    monkeypatch.setattr(dedup, "EXACT_MAX", 500)  # the actors get a serialized IVF index
+    monkeypatch.setattr(dedup, "EXACT_MAX", 500)  # above it: the clustered join over Ray tasks
     assert dedup.find_duplicates(_dataset(ray_local, ids, x, as_lists=True)) == expected_drops(ids, groups)
 
 
@@ -221,3 +221,29 @@ def test_ray_path_rejects_bad_rows(ray_local):
         dedup.find_duplicates(_dataset(ray_local, ids, x))
     with pytest.raises(ValueError, match="threshold"):
         dedup.find_duplicates(_dataset(ray_local, ids, x), threshold=0.0)
+
+
+def test_clustered_join_keeps_near_misses_and_finds_pairs_across_the_band():
+    """At threshold 0.95: planted pairs spread over 0.95-0.99 are all found, pairs at 0.93-0.949 all kept."""
+    rng = np.random.default_rng(7)
+    x = _unit(rng, 5000, 64)
+    rows = rng.permutation(len(x))
+    dups, misses = rows[:200].reshape(2, -1), rows[200:400].reshape(2, -1)
+    for (a, b), (lo, hi) in ((dups, (0.95, 0.99)), (misses, (0.93, 0.949))):
+        for p, q, c in zip(a, b, rng.uniform(lo, hi, len(a)), strict=True):
+            x[q] = _mix(rng, x[p], c)
+    x = x.astype(np.float32)
+    x[dups[1, 0]] = _mix(rng, x[dups[0, 0]], 0.9501).astype(np.float32)  # right at the edge
+    want = {(int(min(p, q)), int(max(p, q))) for p, q in zip(*dups, strict=True)}
+    near = {(int(min(p, q)), int(max(p, q))) for p, q in zip(*misses, strict=True)}
+    i, j, s = dedup.join_pairs(x, 0.95, {"nlist": 0, "nprobe": 8})
+    found = set(zip(i.tolist(), j.tolist(), strict=True))
+    assert found == want and not found & near and (s > 0.95).all()
+
+
+def test_forced_gpu_without_gpu_faiss_fails_clearly():
+    if hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("this faiss build has GPU support")
+    with pytest.raises(ValueError, match=r"data.dedup.device=gpu.*faiss-cpu"):
+        dedup.resolve_device("gpu")
+    assert dedup.resolve_device("auto") == "cpu"

