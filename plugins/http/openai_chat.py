@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 import soxr
 
+from plugins.http.base import LazyClient
+from plugins.http.critique_prompt import ANNOTATOR_SYSTEM, user_text
 from plugins.http.keys import key_from_env
 from vcritic.evaluate.oeq import RubricScoring
 from vcritic.registry import require
@@ -25,23 +26,12 @@ require("openai")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NO_KEY = "EMPTY"  # what the client sends to a server that needs no key (vLLM's convention)
-_CLIENT_LOCK = threading.Lock()  # one client per plugin even when OEQ asks from several threads
-
-ANNOTATOR_SYSTEM = (
-    "You review recordings of singing voice synthesis as a music critic. Listen to the clip "
-    "and write a spoken-style critique of a few sentences, covering four things: the melody "
-    "and how well it is carried, the lyrics and what the song is saying, the vocal technique "
-    "(pitch, breath, phrasing, expression) and the sound quality (artefacts, mix, noise). "
-    "Say concretely what works and what does not. Stay in the persona you are given: its "
-    "tastes, vocabulary and tone. Answer with the critique only, no headings or lists."
-)
-
 
 class ChatCompletionError(RuntimeError):
     """The endpoint failed (after the client's retries), or answered with no chat completion."""
 
 
-class OpenAIChatClient:
+class OpenAIChatClient(LazyClient):
     """One model behind an OpenAI-compatible endpoint, via the ``openai`` client.
 
     ``base_url`` includes the API version ("https://host/v1"). The key is read from
@@ -77,20 +67,11 @@ class OpenAIChatClient:
     def url(self) -> str:
         return f"{self.base_url}/chat/completions"
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_client"] = None  # sockets and pools do not pickle
-        return state
+    def _new_client(self) -> Any:
+        import openai
 
-    def client(self) -> Any:
-        with _CLIENT_LOCK:
-            if self._client is None:
-                import openai
-
-                key = key_from_env(self.api_key_env, self.url, "openai_chat") or NO_KEY
-                self._client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout,
-                                             max_retries=self.max_retries)
-            return self._client
+        key = key_from_env(self.api_key_env, self.url, "openai_chat") or NO_KEY
+        return openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries)
 
     def complete(self, messages: list[dict[str, Any]], **params: Any) -> str:
         """Send ``messages`` (plus ``params`` such as temperature) and return the reply text.
@@ -155,7 +136,13 @@ def wav_base64(samples: np.ndarray, sample_rate: int, target_rate: int = 16000) 
 
 
 class OpenAIChatAnnotator:
-    """The ``Annotator`` plugin ``openai_chat``: an audio-capable chat model writes critiques."""
+    """The ``Annotator`` plugin ``openai_chat``: an audio-capable chat model writes critiques.
+
+    The clip goes up as an ``input_audio`` part (16-bit WAV at ``upload_rate``) after the text
+    of :func:`plugins.http.critique_prompt.user_text`; the endpoint must accept audio input
+    (hosted audio models, or vLLM serving an audio-language model). ``extra_body`` is merged into
+    each request (e.g. ``{"top_k": 20}`` for vLLM). ``max_tokens`` leaves room for 500 words.
+    """
 
     def __init__(
         self,
@@ -165,36 +152,40 @@ class OpenAIChatAnnotator:
         timeout: float = 120.0,
         max_retries: int = 3,
         temperature: float = 0.7,
-        max_tokens: int = 600,
+        max_tokens: int = 1200,
         upload_rate: int = 16000,
         system_prompt: str = ANNOTATOR_SYSTEM,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
         self.client = OpenAIChatClient(model, base_url, api_key_env, timeout, max_retries)
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.upload_rate = upload_rate
         self.system_prompt = system_prompt
+        self.extra_body = dict(extra_body or {})
+
+    def request_identity(self, context: str, persona: str) -> dict[str, Any]:
+        """Everything besides the audio that shapes the reply: the annotate stage's cache key."""
+        return {"api": "openai_chat", "base_url": self.client.base_url, "model": self.client.model,
+                "system": self.system_prompt, "user": user_text(context, persona), "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "upload_rate": self.upload_rate, "extra_body": self.extra_body}
 
     def messages(self, samples: np.ndarray, sample_rate: int, context: str, persona: str) -> list[dict]:
-        text = f"Your persona: {persona}"
-        if context:
-            text += f"\nWhat is known about the song: {context}"
-        text += "\nListen to the attached clip and give your critique."
         audio = {"data": wav_base64(samples, sample_rate, self.upload_rate), "format": "wav"}
         return [
             {"role": "system", "content": self.system_prompt},
             {
                 "role": "user",
-                "content": [{"type": "text", "text": text}, {"type": "input_audio", "input_audio": audio}],
+                "content": [{"type": "text", "text": user_text(context, persona)},
+                            {"type": "input_audio", "input_audio": audio}],
             },
         ]
 
     def annotate(self, samples: np.ndarray, sample_rate: int, context: str, persona: str) -> str:
-        return self.client.complete(
-            self.messages(samples, sample_rate, context, persona),
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-        )
+        params: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        if self.extra_body:
+            params["extra_body"] = self.extra_body
+        return self.client.complete(self.messages(samples, sample_rate, context, persona), **params)
 
 
 class OpenAIChatJudge(RubricScoring):

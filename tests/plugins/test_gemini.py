@@ -120,3 +120,74 @@ def test_pickles_without_a_live_client(server):
     assert clone._client is None
     server.queue(Reply(text="Score: 2/10"))
     assert clone.complete([{"role": "user", "content": "hi"}]) == "Score: 2/10"
+
+
+# ----------------------------------------------------------------------------- the annotator
+
+
+def annotator(server, **kw):
+    from plugins.http.gemini import GeminiAnnotator
+
+    kw.setdefault("initial_delay", 0.05)
+    kw.setdefault("max_delay", 0.2)
+    return GeminiAnnotator(model="gemini-audio", base_url=server.base_url, api_key_env=KEY_ENV, **kw)
+
+
+def test_annotator_sends_the_persona_the_song_and_the_audio_inline(server):
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from vcritic import registry
+    from vcritic.protocols import Annotator
+    from vcritic.testing import sine
+    from vcritic.testing.chat_server import audio_parts
+
+    a = registry.create("annotators", "gemini", model="gemini-audio", base_url=server.base_url, api_key_env=KEY_ENV)
+    assert isinstance(a, Annotator)
+    server.queue(Reply(text="  A warm folk melody, sung with steady breath.  "))
+    text = a.annotate(sine(330.0, 1.5, 22050, 0.3), 22050, "title: Tune; genre: folk", "Style: blunt. Writes in English.")
+    assert text == "A warm folk melody, sung with steady breath."
+    (req,) = server.requests
+    assert req.path == "/v1beta/models/gemini-audio:generateContent" and req.headers["x-goog-api-key"] == "gk-test-456"
+    assert "300 and 500 words" in req.body["systemInstruction"]["parts"][0]["text"]
+    text_part = req.body["contents"][0]["parts"][0]["text"]
+    assert "Style: blunt. Writes in English." in text_part and "genre: folk" in text_part
+    ((mime, wav),) = audio_parts(req.path, req.body)
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    assert mime == "audio/wav" and rate == 16000 and len(samples) == 24000  # resampled for upload
+    assert abs(float(np.sqrt(np.mean(samples**2))) - 0.3 / np.sqrt(2)) < 0.01
+    assert req.body["generationConfig"]["maxOutputTokens"] == 1500
+
+
+def test_annotator_waits_what_retry_after_asks(server):
+    from vcritic.testing import sine
+
+    server.queue(Reply(429, "quota", headers={"Retry-After": "1"}), Reply(text="fine"))
+    assert annotator(server, max_retries=1).annotate(sine(440.0, 1.0, 16000), 16000, "", "a fan") == "fine"
+    first, second = server.requests
+    assert second.at - first.at >= 0.9  # the backoff alone would wait at most max_delay=0.2 s
+
+
+def test_retry_after_is_capped_and_parsed_as_seconds_or_a_date():
+    import email.utils
+    import time
+
+    from plugins.http.gemini import retry_after_seconds
+
+    class Err(Exception):
+        def __init__(self, value):
+            self.response = type("R", (), {"headers": {"retry-after": value}})()
+
+    assert retry_after_seconds(Err("3")) == 3.0
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= retry_after_seconds(Err(soon)) <= 31
+    assert retry_after_seconds(Err("soon-ish")) is None and retry_after_seconds(ValueError()) is None
+
+
+def test_annotator_identity_changes_with_what_shapes_the_reply(server):
+    a, b = annotator(server), annotator(server, temperature=0.1)
+    assert a.request_identity("ctx", "p") != b.request_identity("ctx", "p")
+    assert a.request_identity("ctx", "p") == annotator(server, timeout=5).request_identity("ctx", "p")
+    assert a.request_identity("ctx", "p") != a.request_identity("ctx", "q")

@@ -46,9 +46,10 @@ def test_annotator_request_shape(server):
     assert req.path == "/v1/chat/completions"
     assert req.headers["authorization"] == "Bearer sk-test-123"
     assert req.headers["content-type"] == "application/json"
-    assert req.body["model"] == "audio-model" and req.body["max_tokens"] == 600
+    assert req.body["model"] == "audio-model" and req.body["max_tokens"] == 1200
     system, user = req.body["messages"]
-    assert system["role"] == "system" and "vocal technique" in system["content"]
+    assert system["role"] == "system" and "300 and 500 words" in system["content"]
+    assert all(topic in system["content"] for topic in ("melody", "breath", "genre", "listeners"))
     text_part, audio_part = user["content"]
     assert "a strict vocal coach" in text_part["text"] and "pop ballad, female voice" in text_part["text"]
     assert audio_part["type"] == "input_audio" and audio_part["input_audio"]["format"] == "wav"

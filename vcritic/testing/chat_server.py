@@ -5,7 +5,8 @@ It answers ``POST /v1/chat/completions`` as an OpenAI-compatible server does and
 (``openai``, ``google-genai``) run unmodified against it. Replies are scripted: queue
 :class:`Reply` objects (HTTP errors with ``Retry-After``, garbage bodies, slow replies that outlive
 a client's timeout), and when the queue is empty a ``responder`` writes the reply text (by default
-:func:`rubric_responder`, which grades OEQ rubric prompts). Every request is recorded.
+:func:`rubric_responder`, which grades OEQ rubric prompts). Every request is recorded, and
+:func:`prompt_text` / :func:`audio_parts` read back what an annotator sent (text and audio).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-Responder = Callable[[str, dict[str, Any]], str]
+Responder = Callable[[str, dict[str, Any]], "str | Reply"]
+"""Writes the reply to a request that finds the queue empty: its text, or a whole :class:`Reply`
+(so a test can fail chosen requests, whatever order concurrent clients send them in)."""
 
 
 @dataclass
@@ -70,15 +73,44 @@ def error_body(path: str, status: int, message: str) -> dict[str, Any]:
 
 
 def prompt_text(path: str, body: dict[str, Any]) -> tuple[str, str]:
-    """``(system, user)`` text of a request in either wire format."""
+    """``(system, user)`` text of a request in either wire format (audio parts left out)."""
     if path.endswith(":generateContent"):
         system = " ".join(p.get("text", "") for p in (body.get("systemInstruction") or {}).get("parts", []))
         user = " ".join(p.get("text", "") for c in body.get("contents", []) for p in c.get("parts", []))
         return system, user
+    def text(content: Any) -> str:
+        if isinstance(content, list):  # parts: keep the text ones
+            return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return str(content)
+
     messages = body.get("messages", [])
-    system = " ".join(str(m.get("content")) for m in messages if m.get("role") == "system")
-    user = " ".join(str(m.get("content")) for m in messages if m.get("role") != "system")
+    system = " ".join(text(m.get("content")) for m in messages if m.get("role") == "system")
+    user = " ".join(text(m.get("content")) for m in messages if m.get("role") != "system")
     return system, user
+
+
+def audio_parts(path: str, body: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """``(format, bytes)`` of each audio part of a request: OpenAI ``input_audio`` parts (format
+    "wav", "mp3"...) or Gemini ``inlineData`` parts (their MIME type), decoded from base64."""
+    import base64
+
+    found: list[tuple[str, bytes]] = []
+    if path.endswith(":generateContent"):
+        for content in body.get("contents", []):
+            for part in content.get("parts", []):
+                inline = part.get("inlineData") or part.get("inline_data")
+                if inline:
+                    # google-genai sends URL-safe base64; accept the standard alphabet too
+                    data = str(inline["data"]).replace("+", "-").replace("/", "_")
+                    found.append((str(inline.get("mimeType") or inline.get("mime_type")),
+                                  base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))))
+        return found
+    for message in body.get("messages", []):
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "input_audio":
+                found.append((str(part["input_audio"].get("format")), base64.b64decode(part["input_audio"]["data"])))
+    return found
 
 
 def rubric_responder(path: str, body: dict[str, Any]) -> str:
@@ -131,7 +163,8 @@ class ChatServer:
                                                   body, time.monotonic()))
                     reply = outer.replies.pop(0) if outer.replies else None
                 if reply is None:
-                    reply = Reply(text=outer.responder(self.path, body or {}))
+                    answer = outer.responder(self.path, body or {})
+                    reply = answer if isinstance(answer, Reply) else Reply(text=answer)
                 if reply.delay:
                     time.sleep(reply.delay)
                 self._send(reply)
