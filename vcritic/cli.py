@@ -1,4 +1,6 @@
-"""Command line: ``vcritic plugins list`` and ``vcritic train [preset] [key=value ...]``."""
+"""Command line: ``vcritic plugins list``, ``vcritic train [preset] [key=value ...]``, and
+``vcritic import`` / ``vcritic export`` between manifests and ms-swift, LLaMA-Factory or Kimi-Audio
+fine-tuning files (``vcritic/data/formats.py``)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def train_main(args: list[str]) -> int:
     print("\n=== vcritic run finished ===")
     print(f"data           : {counts['input']} rows in, {counts['train']} train / {counts['val']} val / {counts.get('test', 0)} test, "
           f"{counts['quarantined']} quarantined, {counts['near_duplicates']} near-duplicates dropped")
+    if counts.get("reaction_recordings"):
+        print(f"reactions      : {counts['reaction_recordings']} recordings -> {counts['reaction_rows']} rows, "
+              f"{counts['reaction_failed']} recordings quarantined")
     if counts.get("clips_cut"):
         print(f"clips cut      : {counts['clips_cut']} clips longer than the backbone's audio limit were cut "
               f"({summary.prepared.music_seconds_cut:.1f} s of music dropped)")
@@ -64,6 +69,75 @@ def plugins_list() -> int:
     return 0
 
 
+def _add_format_commands(sub) -> None:
+    """``import`` and ``export``: their options mirror :class:`vcritic.data.formats.ImportOptions`."""
+    from vcritic.data.formats import DEFAULT_PERSONA, FORMATS
+
+    imp = sub.add_parser("import", help="ms-swift / LLaMA-Factory / Kimi-Audio JSONL -> vcritic manifest")
+    imp.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
+    imp.add_argument("input", help="the framework's JSONL (or JSON array) file")
+    imp.add_argument("output", help="the manifest to write (.jsonl); rejects go to <stem>.rejects.jsonl beside it")
+    imp.add_argument("--source", choices=["human", "mllm"], default=None,
+                     help="row source (default: the record's vcritic metadata, else mllm)")
+    imp.add_argument("--song-id-from", default=None,
+                     help="stem (audio file stem, default), parent (its folder) or a column name")
+    imp.add_argument("--id-column", default=None, help="column holding example ids (default: a hash of the record)")
+    imp.add_argument("--default-persona", default=DEFAULT_PERSONA, help="persona when a record has no system text")
+    imp.add_argument("--language", default="auto",
+                     help="BCP-47 tag for every row (default auto: metadata, else detected from the critique)")
+    imp.add_argument("--audio-root", default=None, help="base of relative audio paths (default: the input's folder)")
+    imp.add_argument("--no-check-files", action="store_true", help="do not reject rows whose audio file is missing")
+    imp.add_argument("--dataset-info", default=None, metavar="PATH[:NAME]",
+                     help="LLaMA-Factory dataset_info.json (and entry) naming columns and tags")
+    exp = sub.add_parser("export", help="vcritic manifest -> ms-swift / LLaMA-Factory / Kimi-Audio JSONL")
+    exp.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
+    exp.add_argument("manifest", help="a vcritic manifest (.jsonl or .parquet)")
+    exp.add_argument("output", help="the file to write (.jsonl)")
+    exp.add_argument("--no-vcritic-meta", action="store_true",
+                     help="leave out the 'vcritic' key that makes a re-import lossless")
+
+
+def import_main(ns) -> int:
+    from pathlib import Path
+
+    from vcritic.data import formats
+
+    try:
+        kwargs = dict(source=ns.source, song_id_from=ns.song_id_from, id_column=ns.id_column,
+                      default_persona=ns.default_persona, language=ns.language, audio_root=ns.audio_root,
+                      check_files=not ns.no_check_files)
+        if ns.dataset_info:
+            path, _, name = ns.dataset_info.partition(":")
+            opts = formats.options_from_dataset_info(formats.load_dataset_info(path, name or None), **kwargs)
+        else:
+            opts = formats.ImportOptions(**kwargs)
+        result = formats.write_import(ns.input, ns.output, ns.fmt, opts)
+    except formats.FormatError as exc:
+        print(f"vcritic import: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result.records} records -> {len(result.rows)} rows in {ns.output}; {len(result.rejects)} rejected "
+          f"({formats.rejects_path(Path(ns.output))})")
+    if result.skipped_turns or result.extra_audios:
+        print(f"skipped {result.skipped_turns} assistant turns without a new audio; "
+              f"ignored {result.extra_audios} extra audios (only a turn's first audio is the music)")
+    for reject in result.rejects[:5]:
+        print(f"  {reject.where}: {reject.reason}", file=sys.stderr)
+    return 0 if result.rows or not result.records else 1
+
+
+def export_main(ns) -> int:
+    from vcritic.data import formats
+    from vcritic.data.schema import RowError
+
+    try:
+        n = formats.write_export(ns.manifest, ns.output, ns.fmt, include_meta=not ns.no_vcritic_meta)
+    except (formats.FormatError, RowError) as exc:
+        print(f"vcritic export: {exc}", file=sys.stderr)
+        return 2
+    print(f"{n} records written to {ns.output} ({ns.fmt})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vcritic", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     plugins.add_argument("action", choices=["list"])
     train = sub.add_parser("train", help="run the training job (same as python jobs/train.py)")
     train.add_argument("args", nargs="*", help="[preset] key=value ...")
+    _add_format_commands(sub)
     ns = parser.parse_args(argv)
     if ns.command == "plugins":
         return plugins_list()
+    if ns.command in ("import", "export"):
+        return import_main(ns) if ns.command == "import" else export_main(ns)
     return train_main(ns.args)
 
 

@@ -75,6 +75,177 @@ class DemoDataConfig:
     """Extra rows that are near copies of others, for the dedup stage to remove."""
     bad_rows: bool = True
     """Add one corrupt audio file and one row with a missing field, for the quarantine."""
+    reactions: int = 4
+    """Reaction recordings (synthesised music, spoken comments made with espeak-ng) the demo adds
+    for the reaction stage when data.reactions.manifest is unset; 0: none. Skipped, with a log
+    line, when espeak-ng is not installed."""
+
+
+@dataclass
+class ReactionsConfig:
+    """The reaction stage: recordings of people listening to a song and talking about it, turned
+    into examples (music heard before each turn → the turn's words and speech) inside the data
+    pipeline. See vcritic/data/reactions.py for the manifest columns."""
+
+    manifest: str | None = None
+    """JSONL or Parquet, one row per recording (recording_path, song_id, persona, context,
+    optional language, subtitles, recording_id). None: the demo's reactions when data.manifest is
+    unset (data.demo.reactions), else no reaction stage."""
+    asr: PluginSpec = field(default_factory=lambda: PluginSpec("faster_whisper"))
+    """Transcribes recordings without a subtitle sidecar (a vcritic.asr plugin)."""
+    separator: PluginSpec = field(default_factory=lambda: PluginSpec("hpss_harmonic"))
+    """Removes talk-over from the music windows (a vcritic.separators plugin). hpss_harmonic by
+    default: on the demo's interjections over music (8 mixes, measured 2026-12) it left the voice
+    at -27 dB (least-squares share) with music SI-SDR 14.8 dB, no worse than the unseparated
+    14.6 dB; vad_gate missed most sub-second interjections (voice left at -2.8 dB) and needs
+    silero-vad. HPSS dulls percussive attacks (a bell's worst case: 3.8 dB)."""
+    max_music_seconds: float = 30.0
+    """Longest music window before a turn (its last seconds are kept); at most data.max_clip_seconds."""
+    min_music_seconds: float = 3.0
+    """Turns with less music before them are skipped (the turn still ends the listening stretch)."""
+    min_turn_seconds: float = 1.0
+    """Shorter speech (an interjection over the music) is not a turn; the separator removes it."""
+    target_speech_seconds: float | None = None
+    """Longer turns are trimmed to this many seconds (at a word boundary), never quarantined;
+    None: data.max_target_audio_seconds, the longest a target may be."""
+
+
+@dataclass
+class DurationFilterConfig:
+    """Music length in [data.min_clip_seconds, data.max_clip_seconds], spoken critique at most
+    data.max_target_audio_seconds (those keys keep their place, so older overrides still work)."""
+
+    enabled: bool = True
+
+
+@dataclass
+class SilenceFilterConfig:
+    """Music that is (mostly) silence teaches the critic to critique nothing."""
+
+    enabled: bool = True
+    min_dbfs: float = -60.0
+    """Music whose RMS level is below this (dB re full scale) is silent; so is each frame below it."""
+    frame_ms: float = 50.0
+    """Frame length for the silent-frame share."""
+    max_silent_fraction: float = 0.9
+    """Music with a larger share of silent frames is quarantined (1.0 turns this part off)."""
+
+
+@dataclass
+class ClippingFilterConfig:
+    """A recording driven into full scale is distorted; a critic would learn to praise the distortion."""
+
+    enabled: bool = True
+    level: float = 0.999
+    """|sample| at or above this counts as clipped (after decoding and resampling)."""
+    max_fraction: float = 0.01
+    """Music with a larger share of clipped samples is quarantined."""
+
+
+@dataclass
+class TextLengthFilterConfig:
+    """Critique length in [data.min_critique_words, data.max_critique_words] (keys kept in place)."""
+
+    enabled: bool = True
+
+
+@dataclass
+class RepetitionFilterConfig:
+    """An LLM stuck in a loop repeats the same phrase; natural critiques rarely repeat a 3-gram."""
+
+    enabled: bool = True
+    n: int = 3
+    """Length of the word n-grams compared."""
+    max_fraction: float = 0.4
+    """Critiques whose share of repeated n-grams is larger are quarantined."""
+    min_ngrams: int = 8
+    """Shorter critiques are not judged (a few words repeat by chance)."""
+
+
+@dataclass
+class LanguageFilterConfig:
+    """The critique must be in the language the row says (and, optionally, in an allowed list)."""
+
+    enabled: bool = True
+    match_tag: bool = True
+    """Quarantine a critique whose detected language differs from the row's language tag."""
+    allowed: list[str] = field(default_factory=list)
+    """ISO 639-1 codes a critique may be in (e.g. [en, zh]); empty: any."""
+    min_confidence: float = 0.9
+    """Only a detection at least this probable rejects a row (short or mixed texts stay)."""
+    min_chars: int = 20
+    """Critiques shorter than this are not judged (detection on a few characters is a guess)."""
+
+
+@dataclass
+class SpeechFilterConfig:
+    """A human reaction recording (target audio of a ``human`` row) without speech is just noise.
+    Off by default: the demo's human rows carry hums. Needs the speech extra (silero-vad)."""
+
+    enabled: bool = False
+    min_speech_seconds: float = 0.5
+    """Reactions with less speech (silero-vad) than this are quarantined."""
+    threshold: float = 0.5
+    """silero-vad's speech probability threshold."""
+
+
+@dataclass
+class FiltersConfig:
+    """Curation rules run during validation; see vcritic/data/filters.py. Rejections are counted
+    per filter in prepared.counts["filtered_<name>"]."""
+
+    duration: DurationFilterConfig = field(default_factory=DurationFilterConfig)
+    silence: SilenceFilterConfig = field(default_factory=SilenceFilterConfig)
+    clipping: ClippingFilterConfig = field(default_factory=ClippingFilterConfig)
+    text_length: TextLengthFilterConfig = field(default_factory=TextLengthFilterConfig)
+    repetition: RepetitionFilterConfig = field(default_factory=RepetitionFilterConfig)
+    language: LanguageFilterConfig = field(default_factory=LanguageFilterConfig)
+    speech: SpeechFilterConfig = field(default_factory=SpeechFilterConfig)
+
+
+@dataclass
+class DedupConfig:
+    """How near-duplicates are searched for (vcritic/data/dedup.py); the cut is data.dedup_threshold."""
+
+    device: str = "auto"
+    """auto: GPU when this faiss build has GPU support and a GPU is visible, else CPU; cpu; gpu
+    (fails with a message when faiss has no GPU support)."""
+    exact_max: int = 20000
+    """Up to this many rows the search is exact (every pair compared)."""
+    nlist: int = 0
+    """Clusters of the approximate search above exact_max; 0: about sqrt(rows), at most 4096."""
+    nprobe: int = 8
+    """Clusters each row is compared against; more finds more pairs near the threshold, slower."""
+    kmeans_iters: int = 10
+    """k-means iterations when the clusters are trained."""
+
+
+@dataclass
+class AnnotateConfig:
+    """The MLLM stage: an annotator plugin listens to song clips and writes critiques as personas
+    from the persona library (data.personas); each (clip, persona) reply becomes an example row
+    with source "mllm", unioned with the manifest's rows. See vcritic/data/annotate.py for the
+    manifest columns."""
+
+    manifest: str | None = None
+    """JSONL or Parquet, one row per song clip (audio_path, song_id, optional clip_id, context or
+    metadata, offset_s, duration_s, personas). None: no annotate stage."""
+    annotator: PluginSpec = field(default_factory=lambda: PluginSpec("openai_chat"))
+    """A vcritic.annotators plugin (openai_chat: any OpenAI-compatible endpoint that takes audio;
+    gemini), with its options (model, base_url, api_key_env, ...)."""
+    personas_per_clip: int = 1
+    """Personas drawn (deterministically from run.seed and the clip) for clips whose row names none."""
+    cache_dir: str | None = None
+    """Where replies are kept, one file per request hash, so a rerun sends no request twice; None:
+    annotate_cache/ in run.output_dir's local staging directory. Use a directory every node sees
+    on a multi-node cluster."""
+    concurrency: int = 2
+    """Ray tasks sending requests at the same time (each sends its batch's requests one by one)."""
+    cpus_per_task: float = 0.25
+    """CPUs each request task asks Ray for (the work is waiting on the network, not computing)."""
+    max_failures_fraction: float = 0.5
+    """The job stops when more than this share of the requests fail (a wrong key or a dead
+    endpoint is not worth a dataset without MLLM rows); below it, failed replies are quarantined."""
 
 
 @dataclass
@@ -82,6 +253,13 @@ class DataConfig:
     manifest: str | None = None
     """JSONL or Parquet of example rows; None generates the demo set under run.output_dir."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    reactions: ReactionsConfig = field(default_factory=ReactionsConfig)
+    """The reaction stage (reaction recordings → examples, unioned with the manifest's rows)."""
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    """The MLLM stage (song clips → an annotator's critiques as library personas → examples)."""
+    personas: str | None = None
+    """The persona library, a YAML file (vcritic/data/personas.py says the format); None: the
+    packaged vcritic/data/personas.yaml."""
     sample_rate: int = 16000
     min_clip_seconds: float = 1.0
     max_clip_seconds: float = 30.0
@@ -89,9 +267,14 @@ class DataConfig:
     dedup_threshold: float = 0.95
     """Cosine similarity above which two examples are near-duplicates (one is dropped); in (0, 1],
     where 1.0 drops only exact duplicates (identical embeddings up to float32 rounding)."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Search settings of the near-duplicate removal (device, index)."""
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    """Curation rules (silence, clipping, repetition, language, ...), each with ``enabled``."""
     min_critique_words: int = 1
     max_critique_words: int = 5000
-    """Rows whose target_text has fewer or more whitespace-separated words are quarantined."""
+    """Rows whose target_text has fewer or more words are quarantined (words: whitespace-separated
+    runs; each CJK character counts as one); data.filters.text_length.enabled turns this off."""
     val_fraction: float = 0.1
     """Share of songs held out for validation (picks the best checkpoint)."""
     test_fraction: float = 0.1
@@ -433,6 +616,9 @@ def _check(cfg: DictConfig) -> None:
     if not 0 <= cfg.data.min_critique_words <= cfg.data.max_critique_words or cfg.data.max_critique_words < 1:
         raise ConfigError(f"data.min_critique_words and data.max_critique_words must satisfy 0 <= min <= max, max >= 1; "
                           f"got {cfg.data.min_critique_words} and {cfg.data.max_critique_words}")
+    _check_curation(cfg.data)
+    _check_reactions(cfg.data)
+    _check_annotate(cfg.data)
     problems = generate_problems(OmegaConf.to_container(cfg.model.generate))
     if problems:
         raise ConfigError("; ".join(problems))
@@ -447,6 +633,70 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"mlflow.promote_direction must be 'min' or 'max', got {cfg.mlflow.promote_direction!r}")
     if cfg.mlflow.promote not in ("if_better", "always"):
         raise ConfigError(f"mlflow.promote must be 'if_better' or 'always', got {cfg.mlflow.promote!r}")
+
+
+def _check_curation(data: DictConfig) -> None:
+    """Ranges of data.filters.* and data.dedup.*, each error naming its key."""
+    f, d = data.filters, data.dedup
+    checks = [
+        (0.0 <= f.silence.max_silent_fraction <= 1.0, "data.filters.silence.max_silent_fraction", "in [0, 1]"),
+        (f.silence.min_dbfs <= 0.0, "data.filters.silence.min_dbfs", "<= 0 (dB below full scale)"),
+        (f.silence.frame_ms > 0, "data.filters.silence.frame_ms", "> 0"),
+        (0.0 < f.clipping.level <= 1.0, "data.filters.clipping.level", "in (0, 1]"),
+        (0.0 <= f.clipping.max_fraction <= 1.0, "data.filters.clipping.max_fraction", "in [0, 1]"),
+        (f.repetition.n >= 1, "data.filters.repetition.n", ">= 1"),
+        (0.0 <= f.repetition.max_fraction <= 1.0, "data.filters.repetition.max_fraction", "in [0, 1]"),
+        (f.repetition.min_ngrams >= 1, "data.filters.repetition.min_ngrams", ">= 1"),
+        (0.0 <= f.language.min_confidence <= 1.0, "data.filters.language.min_confidence", "in [0, 1]"),
+        (f.language.min_chars >= 0, "data.filters.language.min_chars", ">= 0"),
+        (f.speech.min_speech_seconds >= 0, "data.filters.speech.min_speech_seconds", ">= 0"),
+        (0.0 < f.speech.threshold < 1.0, "data.filters.speech.threshold", "in (0, 1)"),
+        (d.device in ("auto", "cpu", "gpu"), "data.dedup.device", "one of auto, cpu, gpu"),
+        (d.exact_max >= 0, "data.dedup.exact_max", ">= 0"),
+        (d.nlist >= 0, "data.dedup.nlist", ">= 0 (0: automatic)"),
+        (d.nprobe >= 1, "data.dedup.nprobe", ">= 1"),
+        (d.kmeans_iters >= 1, "data.dedup.kmeans_iters", ">= 1"),
+    ]
+    for ok, key, rule in checks:
+        if not ok:
+            value = OmegaConf.select(data, key.removeprefix("data."))
+            raise ConfigError(f"{key} must be {rule}, got {value!r}")
+    if d.nlist and d.nprobe > d.nlist:
+        raise ConfigError(f"data.dedup.nprobe ({d.nprobe}) must not exceed data.dedup.nlist ({d.nlist})")
+
+
+def _check_annotate(data: DictConfig) -> None:
+    """Ranges of data.annotate.*, each error naming its key."""
+    a = data.annotate
+    if a.personas_per_clip < 1:
+        raise ConfigError(f"data.annotate.personas_per_clip must be >= 1, got {a.personas_per_clip}")
+    if a.concurrency < 1:
+        raise ConfigError(f"data.annotate.concurrency must be >= 1, got {a.concurrency}")
+    if a.cpus_per_task <= 0:
+        raise ConfigError(f"data.annotate.cpus_per_task must be > 0, got {a.cpus_per_task}")
+    if not 0.0 <= a.max_failures_fraction <= 1.0:
+        raise ConfigError(f"data.annotate.max_failures_fraction must be in [0, 1], got {a.max_failures_fraction}")
+    if a.manifest and a.annotator.name in ("", "???"):
+        raise ConfigError("data.annotate.annotator.name must name a vcritic.annotators plugin (openai_chat, gemini)")
+
+
+def _check_reactions(data: DictConfig) -> None:
+    """Ranges of data.reactions.* (and data.demo.reactions), each error naming its key."""
+    r = data.reactions
+    if data.demo.reactions < 0:
+        raise ConfigError(f"data.demo.reactions must be >= 0, got {data.demo.reactions}")
+    if not 0 < r.min_music_seconds <= r.max_music_seconds:
+        raise ConfigError(f"data.reactions.min_music_seconds and data.reactions.max_music_seconds must satisfy "
+                          f"0 < min <= max, got {r.min_music_seconds} and {r.max_music_seconds}")
+    if r.max_music_seconds > data.max_clip_seconds:
+        raise ConfigError(f"data.reactions.max_music_seconds ({r.max_music_seconds}) must not exceed "
+                          f"data.max_clip_seconds ({data.max_clip_seconds}): longer windows would be quarantined")
+    if r.min_turn_seconds < 0:
+        raise ConfigError(f"data.reactions.min_turn_seconds must be >= 0, got {r.min_turn_seconds}")
+    t = r.target_speech_seconds
+    if t is not None and not 0 < t <= data.max_target_audio_seconds:
+        raise ConfigError(f"data.reactions.target_speech_seconds must be in (0, data.max_target_audio_seconds="
+                          f"{data.max_target_audio_seconds}] (or null), got {t}")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

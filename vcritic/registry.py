@@ -49,15 +49,20 @@ FIRST_PARTY: dict[str, dict[str, str]] = {
         "identity": "plugins.dsp.separators:IdentitySeparator",
         "hpss_harmonic": "plugins.dsp.separators:HarmonicSeparator",
         "vad_gate": "plugins.speech.vad_gate:VadGateSeparator",
+        "demucs": "plugins.separation.demucs:DemucsSeparator",
+        "audiosep": "plugins.separation.audiosep:AudioSepSeparator",
     },
     "asr": {
         "faster_whisper": "plugins.speech.whisper_asr:FasterWhisperASR",
+        "hf_whisper": "plugins.speech.hf_whisper:HFWhisperASR",
     },
     "embedders": {
         "logmel_hash": "plugins.dsp.embedders:LogMelHashEmbedder",
+        "minilm": "plugins.text.minilm:MiniLMEmbedder",
     },
     "annotators": {
         "openai_chat": "plugins.http.openai_chat:OpenAIChatAnnotator",
+        "gemini": "plugins.http.gemini:GeminiAnnotator",
     },
     "judges": {
         "openai_chat": "plugins.http.openai_chat:OpenAIChatJudge",
@@ -67,7 +72,10 @@ FIRST_PARTY: dict[str, dict[str, str]] = {
 
 # Which `pip install` extra brings the dependencies of a first-party plugin module.
 INSTALL_HINTS: dict[str, str] = {
+    "plugins.speech.hf_whisper": "pip install -e .  (transformers is a core dependency)",
     "plugins.speech": "pip install -e '.[speech]'",
+    "plugins.text": "pip install -e '.[text]'",
+    "plugins.separation.demucs": "pip install -e '.[separation]'",
     "plugins.hf": "pip install -e .  (transformers and peft are core dependencies)",
     "plugins.kimi": "pip install the Kimi-Audio package (see plugins/kimi/semantic_tokenizer.py)",
     "plugins.http": "pip install -e .  (openai and google-genai are core dependencies)",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import numpy as np
 import soundfile as sf
 
 from vcritic.data.schema import SOURCES
+
+log = logging.getLogger(__name__)
 
 KEYS = ("C major", "E major", "G major", "A major")
 TONIC_MIDI = (60, 64, 67, 69)
@@ -419,5 +422,141 @@ def generate(
         rows.append({**missing, "example_id": "demo-bad-missing-field", "song_id": "demo-song-bad"})
 
     manifest = root / "manifest.jsonl"
+    _write_if_changed(manifest, "".join(json.dumps(row) + "\n" for row in rows).encode())
+    return manifest
+
+
+# What the demo's reaction recordings say: per recording, a short interjection over the music,
+# then two spoken turns in the pauses. {timbre}, {key} and {tempo} are the song's facts.
+REACTION_TURNS: tuple[tuple[str, str, str], ...] = (
+    ("Wow.", "Okay, I like this one. The lead sounds like a {timbre}.", "It sits in {key}, nice and calm."),
+    ("Oh!", "Right away, the lead sounds like a {timbre}.", "The pulse is around {tempo} beats per minute."),
+    ("Ooh.", "Pretty sure it sits in {key}.", "And the lead sounds like a {timbre}, very clean."),
+    ("Hey.", "The pulse is around {tempo} beats per minute.", "It sits in {key}. Would replay it."),
+)
+REACTION_MUSIC_S = 4.0  # each listening stretch
+REACTION_PAUSE_S = 0.4  # silence around each spoken turn (the music is paused)
+SUBTITLE_FORMATS = (None, "srt", None, "vtt")
+"""Recording k has a sidecar of this format (None: the reaction stage runs ASR on it)."""
+
+
+def espeak_available() -> bool:
+    """Whether espeak-ng, which speaks the demo's reaction comments, is installed."""
+    import shutil
+
+    return shutil.which("espeak-ng") is not None
+
+
+def speak(text: str, sr: int, voice: str = "en-us", speed: int = 165) -> np.ndarray:
+    """``text`` spoken by espeak-ng as float32 at ``sr`` (peak 0.6), leading and trailing silence cut.
+
+    Raises:
+        RuntimeError: espeak-ng is missing or fails.
+    """
+    import subprocess
+    import tempfile
+
+    import soxr
+
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "speech.wav"
+        try:
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(wav), text],
+                           check=True, capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeError(f"espeak-ng could not speak {text!r}: {exc}") from exc
+        samples, rate = sf.read(wav, dtype="float32", always_2d=True)
+    samples = samples.mean(axis=1)
+    if rate != sr:
+        samples = soxr.resample(samples, rate, sr).astype(np.float32)
+    loud = np.flatnonzero(np.abs(samples) > 0.01 * max(float(np.abs(samples).max()), 1e-9))
+    samples = samples[loud[0] : loud[-1] + 1] if loud.size else samples
+    return (0.6 * samples / max(float(np.abs(samples).max()), 1e-9)).astype(np.float32)
+
+
+def _cue_time(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+
+
+def write_subtitles(cues: Sequence[tuple[float, float, str]], path: Path, fmt: str) -> str:
+    """``(start, end, text)`` cues as an SRT or WebVTT file (what an uploader's sidecar looks like)."""
+    if fmt == "srt":
+        body = "".join(f"{i}\n{_cue_time(a, ',')} --> {_cue_time(b, ',')}\n{t}\n\n"
+                       for i, (a, b, t) in enumerate(cues, start=1))
+    elif fmt == "vtt":
+        body = "WEBVTT\n\n" + "".join(f"{_cue_time(a, '.')} --> {_cue_time(b, '.')}\n{t}\n\n" for a, b, t in cues)
+    else:
+        raise ValueError(f"subtitle format must be 'srt' or 'vtt', got {fmt!r}")
+    _write_if_changed(path, body.encode())
+    return str(path)
+
+
+def _reaction_recording(facts: dict[str, Any], turns: tuple[str, str, str], rng: np.random.Generator,
+                        sr: int) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """One reaction: music, an interjection over its middle, a spoken turn in a pause, more
+    music, a second turn. Returns the samples and the ``(start, end, text)`` of what is said."""
+    fill = {"timbre": facts["timbre"], "key": facts["key"], "tempo": facts["tempo_bpm"]}
+    n_notes = max(2, int(REACTION_MUSIC_S * facts["tempo_bpm"] / 60.0))
+    pause = np.zeros(int(REACTION_PAUSE_S * sr), np.float32)
+    parts: list[np.ndarray] = []
+    cues: list[tuple[float, float, str]] = []
+    now = 0.0
+    for i, text in enumerate(turns[1:]):
+        music = render_clip(facts, melody(rng, n_notes), REACTION_MUSIC_S, sr)
+        if i == 0:  # talk over the music: short enough that it is no turn of its own
+            words = speak(turns[0], sr)[: int(0.8 * sr)]
+            at = int(0.5 * (music.size - words.size))
+            music[at : at + words.size] += 0.8 * words
+            cues.append((now + at / sr, now + (at + words.size) / sr, turns[0]))
+        speech = speak(text.format(**fill), sr)
+        parts += [music, pause, speech, pause]
+        start = now + (music.size + pause.size) / sr
+        cues.append((start, start + speech.size / sr, text.format(**fill)))
+        now = start + (speech.size + pause.size) / sr
+    return np.clip(np.concatenate(parts), -1.0, 1.0).astype(np.float32), cues
+
+
+def generate_reactions(out_dir: str | Path, recordings: int = 4, songs: int = 40, sample_rate: int = 16000,
+                       seed: int = 0, asr: bool = True) -> Path | None:
+    """Write the demo's reaction recordings (``reactions/*.wav``, sidecars for some) and
+    ``reactions.jsonl`` (a reactions manifest) under ``out_dir``; byte-identical on a rerun.
+
+    Each recording reacts to one of the demo's ``human`` songs (the same facts, persona and
+    context as its clips, so the split keeps it with them): music, an interjection spoken over
+    it, then two spoken turns in pauses. Recordings 1 and 3 come with an SRT and a WebVTT
+    sidecar, so the stage's subtitle path runs beside its ASR path; with ``asr=False`` (no ASR
+    installed) every recording gets a sidecar (SRT or WebVTT, alternating).
+
+    Returns:
+        The manifest's path, or None when ``recordings`` is 0 or espeak-ng is not installed (the
+        comments cannot be spoken; the caller says so and goes on without reactions).
+    """
+    if recordings <= 0:
+        return None
+    if not espeak_available():
+        log.warning("espeak-ng is not installed: the demo's reaction recordings (and so the reaction stage) "
+                    "are skipped; install it (apt-get install espeak-ng) to run them")
+        return None
+    root = Path(out_dir).resolve()
+    folder = root / "reactions"
+    folder.mkdir(parents=True, exist_ok=True)
+    human_songs = list(range(0, songs, 2)) or [0]
+    rows = []
+    for k in range(recordings):
+        song = human_songs[k % len(human_songs)]
+        facts = song_facts(song, seed)
+        context = f"Genre: {np.random.default_rng([seed, 2, song]).choice(GENRES)}."  # as generate() draws it
+        samples, cues = _reaction_recording(facts, REACTION_TURNS[k % len(REACTION_TURNS)],
+                                            np.random.default_rng([seed, 5, k]), sample_rate)
+        rid = f"demo-reaction-{k}"
+        row = {"recording_id": rid, "recording_path": _write_wav(folder / f"{rid}.wav", samples, sample_rate),
+               "song_id": f"demo-song-{song:03d}", "persona": PERSONAS["human"][(song // 2) % 2]["persona"],
+               "context": context, "language": "en"}
+        fmt = SUBTITLE_FORMATS[k % len(SUBTITLE_FORMATS)] if asr else ("srt", "vtt")[k % 2]
+        if fmt:
+            row["subtitles"] = write_subtitles(cues, folder / f"{rid}.{fmt}", fmt)
+        rows.append(row)
+    manifest = root / "reactions.jsonl"
     _write_if_changed(manifest, "".join(json.dumps(row) + "\n" for row in rows).encode())
     return manifest

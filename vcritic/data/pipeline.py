@@ -32,7 +32,7 @@ from ray.data.expressions import col
 
 from vcritic import storage
 from vcritic.config import to_dict
-from vcritic.data import audio, demo, stages
+from vcritic.data import annotate, audio, demo, filters, reactions, stages
 from vcritic.data.dedup import drop_duplicates
 from vcritic.data.schema import critic_prompt
 from vcritic.data.split import add_split_column
@@ -214,6 +214,8 @@ def fingerprint(cfg, manifest: Path) -> str:
     h = hashlib.sha256()
     _hash_manifest(h, manifest)
     hash_audio_files(h, _audio_paths(manifest))
+    annotate.hash_inputs(h, cfg)  # data.annotate's clip manifest, its audio, the persona library
+    reactions.hash_inputs(h, cfg)  # the reactions manifest, its recordings and subtitle sidecars
     settings = {k: v for k, v in to_dict(cfg.data).items() if k not in ("manifest", "demo")}
     h.update(json.dumps({"format": FORMAT, "data": settings, "seed": cfg.run.seed,
                          "backbone": to_dict(cfg.model.backbone),
@@ -304,6 +306,9 @@ def prepare(cfg) -> PreparedData:
     sr = int(cfg.data.sample_rate)
 
     rows = _read(manifest).materialize()
+    rows, annotated = annotate.add_to(cfg, rows)  # data.annotate: MLLM critiques as more rows
+    # data.reactions: reaction recordings as more rows (their separated music outside .partial, as below)
+    rows, reacted = reactions.add_to(cfg, rows, root.parent.parent / "reactions" / root.name)
     # A repeated example_id keeps its first row in manifest order; the later rows are quarantined.
     repeats = stages.repeated_ids(rows.select_columns(["example_id", stages.ROW_COLUMN]).to_pandas()) \
         if "example_id" in rows.schema().names else {}
@@ -313,7 +318,8 @@ def prepare(cfg) -> PreparedData:
         stages.validate, batch_format="pandas", batch_size=16,
         fn_kwargs={"sample_rate": sr, "min_s": cfg.data.min_clip_seconds, "max_s": cfg.data.max_clip_seconds,
                    "max_target_s": cfg.data.max_target_audio_seconds, "repeats": repeats,
-                   "min_words": int(cfg.data.min_critique_words), "max_words": int(cfg.data.max_critique_words)},
+                   "min_words": int(cfg.data.min_critique_words), "max_words": int(cfg.data.max_critique_words),
+                   "filter_settings": to_dict(cfg.data.filters)},
     ).materialize()
     good = checked.filter(expr=col("error") == "")
     if cfg.data.separator.name != "identity":  # identity would only copy files
@@ -322,7 +328,8 @@ def prepare(cfg) -> PreparedData:
             "sample_rate": sr, "out_dir": str(root.parent.parent / "separated" / root.name)})
     embedded = good.map_batches(stages.embed, batch_format="pandas", batch_size=32,
                                 fn_kwargs={"spec": to_dict(cfg.data.embedder), "sample_rate": sr}).materialize()
-    kept, dropped = drop_duplicates(embedded, threshold=float(cfg.data.dedup_threshold))
+    kept, dropped = drop_duplicates(embedded, threshold=float(cfg.data.dedup_threshold),
+                                    settings=to_dict(cfg.data.dedup))
     kept = add_split_column(kept.drop_columns(["embedding"]), float(cfg.data.val_fraction), int(cfg.run.seed),
                             test_fraction=float(cfg.data.test_fraction)).materialize()
 
@@ -358,7 +365,8 @@ def prepare(cfg) -> PreparedData:
         ok.filter(expr=col("split") == split).write_parquet(shards.path, filesystem=shards.fs)
 
     bad = pd.concat([checked.filter(expr=col("error") != "").to_pandas(),
-                     tokenized.filter(expr=col("error") != "").to_pandas()], ignore_index=True)
+                     tokenized.filter(expr=col("error") != "").to_pandas(), annotated.failed, reacted.failed],
+                    ignore_index=True)
     columns = ["example_id", "stage", "error", "raw"]
     _write_jsonl(bad[columns] if len(bad) else pd.DataFrame(columns=columns), work / "quarantine.jsonl")
     dup = dropped.to_pandas()
@@ -366,9 +374,10 @@ def prepare(cfg) -> PreparedData:
                  work / "duplicates.jsonl")
     clips_cut = ok.filter(expr=col("music_cut_s") > 0).count()
     seconds_cut = float(ok.sum("music_cut_s") or 0.0) if clips_cut else 0.0
-    counts = {"input": checked.count(), "quarantined": len(bad), "near_duplicates": len(dup),
+    counts = {"input": checked.count() + len(annotated.failed) + len(reacted.failed), "quarantined": len(bad), "near_duplicates": len(dup),
               "train": split_counts["train"], "val": split_counts["val"], "test": split_counts["test"],
-              "clips_cut": int(clips_cut)}
+              "clips_cut": int(clips_cut), **filters.count_filtered(bad["error"] if len(bad) else []),
+              **annotated.counts, **reacted.counts}
     if clips_cut:
         log.warning("%d clips were longer than the backbone's audio limit and were cut (%.1f s of music dropped)",
                     clips_cut, seconds_cut)

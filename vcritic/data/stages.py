@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from vcritic import registry
-from vcritic.data import audio
+from vcritic.data import audio, filters
 from vcritic.data.schema import Example, RowError, parse_row
 
 EXAMPLE_COLUMNS = list(Example.__dataclass_fields__)
@@ -109,13 +109,17 @@ def repeated_ids(ids: pd.DataFrame) -> dict[int, str]:
 
 
 def validate(batch: pd.DataFrame, sample_rate: int, min_s: float, max_s: float, max_target_s: float,
-             min_words: int = 1, max_words: int = 5000, repeats: dict[int, str] | None = None) -> pd.DataFrame:
-    """Parse each row, check it, and decode its audio; bad rows get an ``error``.
+             min_words: int = 1, max_words: int = 5000, repeats: dict[int, str] | None = None,
+             filter_settings: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Parse each row, check it, decode its audio and run the curation filters on what was decoded
+    (:mod:`vcritic.data.filters`, so no clip is read twice); bad rows get an ``error``.
 
     Args:
-        min_words, max_words: allowed length of ``target_text`` in whitespace-separated words.
+        min_words, max_words: allowed length of ``target_text`` in words (see ``filters.tokens``).
         repeats: ``{manifest_row: reason}`` of rows that repeat an earlier row's id (:func:`repeated_ids`).
+        filter_settings: ``data.filters`` as a dict; None: the schema's defaults.
     """
+    settings = filter_settings if filter_settings is not None else filters.defaults()
     out = []
     for raw in batch.to_dict("records"):
         raw = {k: _nan_to_none(v) for k, v in raw.items()}
@@ -128,26 +132,19 @@ def validate(batch: pd.DataFrame, sample_rate: int, min_s: float, max_s: float, 
         if repeats and row_number is not None and int(row_number) in repeats:
             out.append(_flat(example, raw, f"example {example.example_id!r}: {repeats[int(row_number)]}", "validate"))
             continue
-        words = len(example.target_text.split())
-        if not min_words <= words <= max_words:
-            bound = f"under data.min_critique_words={min_words}" if words < min_words else \
-                f"over data.max_critique_words={max_words}"
-            out.append(_flat(example, raw, f"example {example.example_id!r}: target_text has {words} words, {bound}",
-                             "validate"))
+        rejected = filters.check_text(example.target_text, example.language, settings, min_words, max_words)
+        if rejected is not None:
+            out.append(_flat(example, raw, f"example {example.example_id!r}: {rejected.reason()}", "validate"))
             continue
         try:
             music = audio.load(example.music, sample_rate)
-            seconds = music.size / sample_rate
-            if not min_s <= seconds <= max_s:
-                raise audio.AudioError(f"music is {seconds:.2f}s, outside [{min_s}, {max_s}]s")
-            if float(np.abs(music).max()) < 1e-4:
-                raise audio.AudioError("music is silent")
-            if example.target_audio is not None:
-                speech = audio.load(example.target_audio, sample_rate)
-                if speech.size / sample_rate > max_target_s:
-                    raise audio.AudioError(f"target audio is {speech.size / sample_rate:.2f}s, over {max_target_s}s")
+            speech = audio.load(example.target_audio, sample_rate) if example.target_audio is not None else None
         except audio.AudioError as exc:
             out.append(_flat(example, raw, f"example {example.example_id!r}: {exc}", "validate"))
+            continue
+        rejected = filters.check_audio(music, speech, example.source, sample_rate, settings, min_s, max_s, max_target_s)
+        if rejected is not None:
+            out.append(_flat(example, raw, f"example {example.example_id!r}: {rejected.reason()}", "validate"))
             continue
         out.append(_flat(example, raw, None, "validate"))
     return pd.DataFrame(out)
