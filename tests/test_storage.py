@@ -197,6 +197,7 @@ def test_the_demo_job_keeps_its_outputs_in_s3(s3_env, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:
         cfg = load("demo", ["data.demo.songs=8", "data.demo.clips_per_song=2", "data.demo.near_duplicates=1",
+                            "data.demo.reactions=0",
                             "train.epochs=1", "eval.scq=false", "train.num_workers=2", f"mlflow.tracking_uri={uri}",
                             f"run.output_dir=s3://{BUCKET}/job", "mlflow.registered_model=vcritic-s3", "run.name=s3"])
         summary = driver.run(cfg)

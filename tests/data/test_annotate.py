@@ -190,7 +190,8 @@ def test_the_stage_adds_mllm_rows_to_a_real_pipeline_run(ray_local, stage_server
     manifest = root / "clips.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = [f"run.output_dir={root / 'out'}", "data.demo.songs=4", "data.demo.clips_per_song=1",
-                 "data.demo.near_duplicates=0", "data.tokenizer_fit_clips=8", f"data.annotate.manifest={manifest}",
+                 "data.demo.near_duplicates=0", "data.demo.reactions=0", "data.tokenizer_fit_clips=8",
+                 f"data.annotate.manifest={manifest}",
                  "data.annotate.annotator.name=openai_chat", "data.annotate.annotator.options.model=audio-model",
                  f"data.annotate.annotator.options.base_url={stage_server.openai_base_url}",
                  "data.annotate.annotator.options.api_key_env=null", "data.annotate.personas_per_clip=2"]

@@ -57,6 +57,31 @@ def test_rerun_reuses_finished_output(prepared):
     assert not Path(p.root + ".partial").exists()
 
 
+def test_each_split_is_written_in_example_id_order(prepared):
+    _, p = prepared
+    for split in ("train", "val"):
+        files = sorted(Path(getattr(p, f"{split}_dir")).glob("*.parquet"))  # training reads them in name order
+        ids = pd.concat([pd.read_parquet(f, columns=["example_id"]) for f in files])["example_id"].tolist()
+        assert ids == sorted(ids) and len(ids) == p.counts[split]
+
+
+def test_in_order_gives_the_same_blocks_whichever_order_the_rows_arrive_in(ray_local, monkeypatch):
+    import ray
+
+    from vcritic.data import pipeline
+
+    monkeypatch.setattr(pipeline, "ROWS_PER_SHARD_FILE", 8)
+    frames = [pd.DataFrame({"example_id": [f"e{i:03d}" for i in range(k, 30, 3)]}) for k in range(3)]
+
+    def blocks(parts):
+        ds = pipeline.in_order(ray.data.from_pandas(parts), 30).materialize()
+        return [ray.get(ref)["example_id"].to_pylist() for ref in ds.to_arrow_refs()]
+
+    first, again = blocks(frames), blocks(frames[::-1])
+    assert first == again and len(first) == 4  # ceil(30 / 8) blocks
+    assert sum(first, []) == sorted(f"e{i:03d}" for i in range(30))
+
+
 def test_from_scratch_backbone_is_saved_once(prepared):
     _, p = prepared
     base = Path(p.backbone_spec["options"]["path"])

@@ -31,6 +31,7 @@ def job_overrides(tmp_path: Path, name: str) -> list[str]:
     return [
         f"run.output_dir={tmp_path / 'out'}", f"run.name={name}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "data.demo.songs=10", "data.demo.clips_per_song=2", "data.demo.near_duplicates=1", "data.tokenizer_fit_clips=12",
+        "data.demo.reactions=0",
         "train.epochs=3", "train.batch_size=2", "train.grad_accum=1", "train.log_every_steps=1",
         f"train.checkpoint_every_steps={EVERY}", "train.max_failures=3", "eval.scq=false", "mlflow.register=false",
     ]

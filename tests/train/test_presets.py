@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 SMALL = ["train.use_gpu=false", "train.precision=fp32", "train.num_workers=1", "train.cpus_per_worker=0.5",
          "train.epochs=1", "train.batch_size=2", "train.grad_accum=1", "train.log_every_steps=1",
          "data.demo.songs=6", "data.demo.clips_per_song=2", "data.demo.near_duplicates=1",
-         "data.tokenizer_fit_clips=16", "eval.scq_max_clips=2", "eval.max_new_text_tokens=4"]
+         "data.tokenizer_fit_clips=16", "eval.scq_max_clips=2", "eval.max_new_text_tokens=4",
+         "data.demo.reactions=0"]  # the joint preset, which speaks, turns two back on
 
 
 def run_preset(root: Path, preset: str, overrides: list[str]):
@@ -109,7 +110,7 @@ def test_joint_text_audio_hears_natively_and_speaks_through_mimi(tmp_path):
     _, summary, uri = run_preset(tmp_path, "joint_text_audio", [
         f"model.backbone.options.path={base}", "model.backbone.options.dtype=float32",
         f"model.audio_tokenizer.options.path={mimi}", "model.audio_tokenizer.options.num_codebooks=4",
-        "model.codebook_weights=[100.0, 1.0, 1.0, 1.0]", "model.audio_head_layers=2"])
+        "model.codebook_weights=[100.0, 1.0, 1.0, 1.0]", "model.audio_head_layers=2", "data.demo.reactions=2"])
     meta = json.loads((Path(summary.best_checkpoint) / "export" / "critic.json").read_text())
     assert meta["audio_tokenizer"]["name"] == "mimi" and meta["num_codebooks"] > 1
     from mlflow.tracking import MlflowClient

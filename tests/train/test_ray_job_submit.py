@@ -141,7 +141,7 @@ def test_submitted_job_is_looked_up_afterwards_from_the_submitting_directory(ray
     submit = submit_job(ray_head, [
         "--runtime-env-json", json.dumps(runtime_env), "--",
         "python", "jobs/train.py", "demo", "data.demo.songs=8", "data.demo.clips_per_song=2",
-        "data.demo.near_duplicates=1", "train.epochs=1", "eval.scq=false",
+        "data.demo.near_duplicates=1", "data.demo.reactions=0", "train.epochs=1", "eval.scq=false",
         "mlflow.registered_model=vcritic-submitted", "run.name=submitted"])
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0, out[-4000:]

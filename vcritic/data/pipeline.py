@@ -39,7 +39,7 @@ from vcritic.data.split import add_split_column
 from vcritic.models.build import materialize_backbone
 
 log = logging.getLogger(__name__)
-FORMAT = 4  # bump when the shard layout changes, so old prepared data is not reused
+FORMAT = 5  # bump when the shard layout changes, so old prepared data is not reused
 
 
 @dataclass
@@ -285,6 +285,21 @@ def _corpus(train: ray.data.Dataset, limit: int = 100_000) -> list[str]:
     return texts
 
 
+ROWS_PER_SHARD_FILE = 2048
+
+
+def in_order(rows: ray.data.Dataset, count: int) -> ray.data.Dataset:
+    """A split's rows sorted by example_id, in blocks of equal row counts.
+
+    Ray Data writes blocks in the order its tasks finish, so without this the same inputs give
+    shard files that differ from run to run in which rows they hold and in what order. Training
+    reads the files in name order with ``preserve_order`` (see ``driver.ingest_options``), so a fixed
+    layout makes each worker's rows, and the seeded shuffle over them, the same on every rerun.
+    """
+    blocks = max(1, -(-int(count) // ROWS_PER_SHARD_FILE))
+    return rows.sort("example_id").repartition(blocks, shuffle=False)
+
+
 def _write_jsonl(df: pd.DataFrame, path: Path) -> None:
     df.to_json(path, orient="records", lines=True)
 
@@ -362,7 +377,7 @@ def prepare(cfg) -> PreparedData:
         if split == "test" and not split_counts[split]:
             continue  # no test split (data.test_fraction=0 or too few songs): no directory
         shards = stored.join(split) if not stored.is_local else storage.location(str(work / split))
-        ok.filter(expr=col("split") == split).write_parquet(shards.path, filesystem=shards.fs)
+        in_order(ok.filter(expr=col("split") == split), split_counts[split]).write_parquet(shards.path, filesystem=shards.fs)
 
     bad = pd.concat([checked.filter(expr=col("error") != "").to_pandas(),
                      tokenized.filter(expr=col("error") != "").to_pandas(), annotated.failed, reacted.failed],

@@ -182,7 +182,7 @@ def prepared_inputs(prepared: PreparedData) -> PreparedInputs:
 def _trainer(cfg, prepared: PreparedData, mlflow_target: dict[str, str], board=None, name: str | None = None):
     """The Ray Train trainer of this run. ``name`` (default ``run.name``) names its folder in the
     storage: a trainer with the same storage and name resumes from that folder's latest checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from vcritic.train.loop import train_loop_per_worker
@@ -209,7 +209,20 @@ def _trainer(cfg, prepared: PreparedData, mlflow_target: dict[str, str], board=N
             worker_runtime_env={"env_vars": WORKER_ENV},
         ),
         datasets={"train": ray.data.read_parquet(prepared.train_dir), "val": ray.data.read_parquet(prepared.val_dir)},
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
+
+
+def ingest_options():
+    """Ray Train's ingest options with ``preserve_order``: the shard files (written in a fixed
+    layout, see ``pipeline.in_order``) reach the workers in name order, so which rows each worker
+    gets, and so a whole run, is the same on every rerun. Without it blocks go to whichever
+    worker asks first."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 # Settings that may change between a killed run and the command that resumes it.
