@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--data", nargs="+", choices=("uniform", "clustered"), default=["uniform", "clustered"])
     parser.add_argument("--exact-rows", type=int, default=100_000, help="largest size that also runs the exact baseline")
-    parser.add_argument("--nlist", type=int, default=dedup.DEFAULTS["nlist"], help="0: auto (~sqrt(rows))")
+    parser.add_argument("--nlist", type=int, default=dedup.DEFAULTS["nlist"], help="0: auto (~2 sqrt(rows))")
     parser.add_argument("--nprobe", type=int, default=dedup.DEFAULTS["nprobe"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

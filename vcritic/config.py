@@ -213,8 +213,8 @@ class DedupConfig:
     exact_max: int = 20000
     """Up to this many rows the search is exact (every pair compared)."""
     nlist: int = 0
-    """Clusters of the approximate search above exact_max; 0: about sqrt(rows), at most 4096."""
-    nprobe: int = 8
+    """Clusters of the approximate search above exact_max; 0: about 2 sqrt(rows), at most 4096."""
+    nprobe: int = 10
     """Clusters each row is compared against; more finds more pairs near the threshold, slower."""
     kmeans_iters: int = 10
     """k-means iterations when the clusters are trained."""
