@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import faiss
 import numpy as np
@@ -29,11 +30,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from vcritic.config import DedupConfig
+
 logger = logging.getLogger(__name__)
 
-EXACT_MAX = 20_000
+EXACT_MAX = DedupConfig.exact_max
 NPROBE = 16  # build_index's IVF default (the GPU path passes data.dedup.nprobe)
-DEFAULTS = {"device": "auto", "exact_max": EXACT_MAX, "nlist": 0, "nprobe": 10, "kmeans_iters": 10}
+DEFAULTS = asdict(DedupConfig())
 """``data.dedup`` settings (vcritic.config.DedupConfig) used when a caller passes none."""
 _JOIN_BLOCK = 4096  # rows per side of one similarity block of the clustered join (64 MB of float32)
 _GPU_K = 1024  # neighbours per GPU k-NN query before GpuRangeIndex falls back to the CPU

@@ -267,6 +267,8 @@ def _read(manifest: Path) -> ray.data.Dataset:
 def _fit_audio_tokenizer(cfg, train: ray.data.Dataset, out_dir: Path):
     tok = stages.plugin("audio_tokenizers", to_dict(cfg.model.audio_tokenizer))
     clips = []
+    # take() returns whichever blocks finish first, so the fit sample (and the codebook) can differ
+    # between reruns when there are more train rows than data.tokenizer_fit_clips.
     for row in train.take(int(cfg.data.tokenizer_fit_clips)):
         ex = stages.example_of(row)
         clips.append(audio.load(ex.music, tok.sample_rate))
