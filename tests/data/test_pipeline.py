@@ -82,6 +82,26 @@ def test_in_order_gives_the_same_blocks_whichever_order_the_rows_arrive_in(ray_l
     assert sum(first, []) == sorted(f"e{i:03d}" for i in range(30))
 
 
+def test_sample_rows_depends_only_on_the_ids_and_the_seed(ray_local):
+    import ray
+
+    from vcritic.data.pipeline import sample_rows
+
+    frames = [pd.DataFrame({"example_id": [f"e{i:03d}" for i in range(k, 30, 3)], "text": [str(i) for i in range(k, 30, 3)]})
+              for k in range(3)]
+
+    def ids(parts, n, seed, columns=None):
+        return [r["example_id"] for r in sample_rows(ray.data.from_pandas(parts), n, seed, columns)]
+
+    first = ids(frames, 10, 0)
+    assert first == ids(frames[::-1], 10, 0)  # same sample whatever order the blocks arrive in
+    assert len(first) == 10 and first == sorted(first) and len(set(first)) == 10
+    assert first != ids(frames, 10, 1)  # the seed decides which rows
+    assert ids(frames, 100, 0) == [f"e{i:03d}" for i in range(30)]  # fewer rows than n: all of them, sorted
+    rows = sample_rows(ray.data.from_pandas(frames), 5, 0, columns=["example_id", "text"])
+    assert all(r["text"] == str(int(r["example_id"][1:])) for r in rows)
+
+
 def test_from_scratch_backbone_is_saved_once(prepared):
     _, p = prepared
     base = Path(p.backbone_spec["options"]["path"])

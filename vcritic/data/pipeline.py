@@ -39,7 +39,7 @@ from vcritic.data.split import add_split_column
 from vcritic.models.build import materialize_backbone
 
 log = logging.getLogger(__name__)
-FORMAT = 5  # bump when the shard layout changes, so old prepared data is not reused
+FORMAT = 6  # bump when the shard layout changes, so old prepared data is not reused
 
 
 @dataclass
@@ -264,12 +264,25 @@ def _read(manifest: Path) -> ray.data.Dataset:
     return ds.repartition(max(2, min(256, rows // 16)))
 
 
+def sample_rows(rows: ray.data.Dataset, n: int, seed: int, columns: list[str] | None = None) -> list[dict]:
+    """``n`` rows picked by a seeded draw over the sorted example ids, returned sorted by id.
+
+    ``Dataset.take`` returns whichever blocks finish first, so anything fitted on it (the audio
+    tokenizer's codebook, the from-scratch BPE vocabulary) could differ between reruns of the same
+    inputs. This sample depends only on the ids and the seed.
+    """
+    picked = rows.select_columns(columns) if columns else rows
+    ids = sorted(r["example_id"] for r in rows.select_columns(["example_id"]).take_all())
+    if len(ids) > n:
+        wanted = np.random.default_rng(seed).choice(ids, size=n, replace=False).tolist()
+        picked = picked.filter(expr=col("example_id").is_in(wanted))
+    return sorted(picked.take_all(), key=lambda r: r["example_id"])
+
+
 def _fit_audio_tokenizer(cfg, train: ray.data.Dataset, out_dir: Path):
     tok = stages.plugin("audio_tokenizers", to_dict(cfg.model.audio_tokenizer))
     clips = []
-    # take() returns whichever blocks finish first, so the fit sample (and the codebook) can differ
-    # between reruns when there are more train rows than data.tokenizer_fit_clips.
-    for row in train.take(int(cfg.data.tokenizer_fit_clips)):
+    for row in sample_rows(train, int(cfg.data.tokenizer_fit_clips), int(cfg.run.seed)):
         ex = stages.example_of(row)
         clips.append(audio.load(ex.music, tok.sample_rate))
         if ex.target_audio is not None:
@@ -280,9 +293,9 @@ def _fit_audio_tokenizer(cfg, train: ray.data.Dataset, out_dir: Path):
     return tok
 
 
-def _corpus(train: ray.data.Dataset, limit: int = 100_000) -> list[str]:
+def _corpus(train: ray.data.Dataset, seed: int, limit: int = 100_000) -> list[str]:
     texts = []
-    for row in train.select_columns(["persona", "context", "target_text"]).take(limit):
+    for row in sample_rows(train, limit, seed, columns=["example_id", "persona", "context", "target_text"]):
         texts += [critic_prompt(row["persona"], row["context"]), " " + row["target_text"]]
     return texts
 
@@ -352,7 +365,7 @@ def prepare(cfg) -> PreparedData:
 
     train_rows = kept.filter(expr=col("split") == "train")
     audio_tok = _fit_audio_tokenizer(cfg, train_rows, work / "audio_tokenizer")
-    backbone_spec = materialize_backbone(to_dict(cfg.model.backbone), _corpus(train_rows), work / "base")
+    backbone_spec = materialize_backbone(to_dict(cfg.model.backbone), _corpus(train_rows, int(cfg.run.seed)), work / "base")
     # The backbone was saved under .partial; point at where it will live after the rename.
     stage_backbone = {"name": backbone_spec["name"], "options": dict(backbone_spec["options"])}
     audio_dir = str(work / "audio_tokenizer")

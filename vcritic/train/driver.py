@@ -217,7 +217,8 @@ def ingest_options():
     """Ray Train's ingest options with ``preserve_order``: the shard files (written in a fixed
     layout, see ``pipeline.in_order``) reach the workers in name order, so which rows each worker
     gets, and in what order, is the same on every rerun. Without it blocks go to whichever worker
-    asks first. (The audio tokenizer's fit sample is not yet fixed: see ``_fit_audio_tokenizer``.)"""
+    asks first. (What is fitted on the data, the audio tokenizer and a from-scratch BPE, is fitted
+    on a seeded sample of the ids, ``pipeline.sample_rows``, so it repeats too.)"""
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
