@@ -42,7 +42,7 @@ from vcritic import progress
 from vcritic.config import load
 from vcritic.data.pipeline import manifest_path, prepare
 
-# One line per finished operator: "Operator TaskPoolMapOperator[MapBatches(validate)] completed.
+# One line per finished operator: "Operator TaskPoolMapOperator[MapBatches(curate)] completed.
 # Operator Metrics:" then a dict on the next line (Ray 2.60, DEBUG level, always written).
 _DONE = re.compile(r"Operator (\w+)\[(.+?)\] completed\. Operator Metrics:")
 _FIELD = r"'{}': ([0-9.eE+-]+)"

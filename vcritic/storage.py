@@ -16,6 +16,8 @@
 
 - ``demo_data/``: the generated demo set (its audio is read by path).
 - ``separated/``: stems written by the separator stage.
+- ``curated/``: each finished batch of the validate/separate/embed step, so a rerun after a crash
+  redoes only the batches that had not finished.
 - ``prepared/<fingerprint>/``: this node's copy of the small prepared files (audio tokenizer,
   backbone, quarantine and duplicates JSONL, which the driver logs to MLflow).
 - ``checkpoints/``: the best checkpoint's ``export/``, downloaded so the driver can load and log it.

@@ -135,6 +135,33 @@ def test_validate_reasons(tmp_path):
     assert "past the end" in out["late"]
 
 
+def test_curate_decodes_each_clip_once_and_matches_the_stages_one_by_one(tmp_path, monkeypatch):
+    from vcritic.data import audio
+
+    batch = pd.DataFrame([
+        _row(tmp_path, example_id="h", source="human", target_text="a human take"),
+        _row(tmp_path, example_id="m", target_text="a model take"),
+        _row(tmp_path, example_id="late", offset_s=9.0),
+    ])
+    checks = {"min_s": 1.0, "max_s": 30.0, "max_target_s": 10.0}
+    embedder, separator = {"name": "logmel_hash"}, {"name": "hpss_harmonic"}
+    decoded = []
+    real_load = audio.load
+    monkeypatch.setattr(audio, "load", lambda ref, rate: decoded.append(ref.path) or real_load(ref, rate))
+    out = stages.curate(batch, 16000, checks, embedder, separator, ["human"], str(tmp_path / "sep")).set_index("example_id")
+    assert len(decoded) == 3  # one decode a row, the failing one included
+    assert out.loc["h", "error"] == out.loc["m", "error"] == "" and "past the end" in out.loc["late", "error"]
+    assert out.loc["h", "audio_path"] == str(tmp_path / "sep" / "h.wav")  # only the human row is separated
+    assert out.loc["m", "audio_path"] == str(tmp_path / "a.wav")
+    assert not out.loc["late", "embedding"].any()
+    # The same vectors as separating, then decoding the separated file and embedding it on its own.
+    emb, sep = stages.plugin("embedders", embedder), stages.plugin("separators", separator)
+    clean = sep.separate(real_load(stages.example_of(batch.iloc[0].to_dict()).music, 16000), 16000)
+    np.testing.assert_allclose(out.loc["h", "embedding"], emb.embed([clean], ["a human take"], 16000)[0], atol=1e-6)
+    on_disk = real_load(stages.example_of(out.loc["h"].to_dict() | {"example_id": "h"}).music, 16000)
+    np.testing.assert_array_equal(on_disk, clean)
+
+
 def test_data_report_tables_match_the_shards_and_the_quarantine(prepared):
     from vcritic.data import report
 

@@ -201,6 +201,35 @@ def test_user_manifest_rerun_is_idempotent(user_prepared):
     assert prepare(cfg) == p
 
 
+@pytest.mark.slow
+def test_a_rerun_after_a_crash_mid_stage_redoes_only_the_unfinished_batches(ray_local, tmp_path):
+    """The embedder fails on the last row, after other batches finished; the rerun (same command,
+    same fingerprint) reads the finished batches from the curate cache and embeds only the rest."""
+    rows = _rows(tmp_path, songs=20)  # 40 rows: 2 read blocks of 20, curated in batches of 16
+    rows[-1]["target_text"] += " CRASH"
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log, marker = tmp_path / "embedded.txt", tmp_path / "fail"
+    marker.touch()
+    cfg = load("demo", [f"run.output_dir={tmp_path / 'runs'}", f"data.manifest={manifest}", "data.tokenizer_fit_clips=8",
+                        "data.embedder.name=vcritic.testing.dummies:FlakyEmbedder",
+                        f"data.embedder.options={{log: {log}, fail_while: {marker}, fail_on: CRASH}}"])
+    with pytest.raises(Exception, match="FlakyEmbedder"):
+        prepare(cfg)
+    first = log.read_text().splitlines()
+    cached = sorted((tmp_path / "runs" / "curated").rglob("*.parquet"))
+    cached_ids = set(pd.concat([pd.read_parquet(f, columns=["example_id"]) for f in cached])["example_id"])
+    assert len(first) == len(cached_ids) >= 16  # at least the crashing block's first batch finished
+    marker.unlink()
+    log.write_text("")
+    p = prepare(cfg)
+    again = log.read_text().splitlines()
+    assert len(again) == len(rows) - len(cached_ids) and not set(again) & set(first)  # nothing embedded twice
+    c = p.counts
+    assert c["input"] == len(rows) and c["quarantined"] == 0
+    assert c["train"] + c["val"] + c["test"] + c["near_duplicates"] == len(rows)
+
+
 def test_fingerprint_follows_each_audio_file_not_only_the_manifest_text(tmp_path):
     rows = _rows(tmp_path, songs=2)
     manifest = tmp_path / "manifest.jsonl"

@@ -121,7 +121,7 @@ def test_clear_errors_for_bad_options_and_missing_files(tmp_path, checkpoint) ->
 
 
 def test_the_data_stage_separates_with_it_by_name(checkpoint, tmp_path) -> None:
-    """``data.separator={name: demucs, options: {...}}`` reaches the plugin through stages.separate."""
+    """``data.separator={name: demucs, options: {...}}`` reaches the plugin through the data stage's curate step."""
     import pandas as pd
     import soundfile as sf
 
@@ -141,7 +141,10 @@ def test_the_data_stage_separates_with_it_by_name(checkpoint, tmp_path) -> None:
         "duration_s": None,
     }
     spec = {"name": "demucs", "options": {"checkpoint": str(checkpoint), "gate": [], "device": "cpu"}}
-    out = stages.separate(pd.DataFrame([row]), spec, ["human"], SR, str(tmp_path / "sep"))
+    out = stages.curate(pd.DataFrame([row]), SR, checks={"min_s": 0.5, "max_s": 30.0, "max_target_s": 10.0},
+                        embedder={"name": "logmel_hash"}, separator=spec, sources=["human"],
+                        out_dir=str(tmp_path / "sep"))
+    assert out.loc[0, "error"] == "", out.loc[0, "error"]
     written, sr = sf.read(out.loc[0, "audio_path"], dtype="float32")
     assert sr == SR and written.shape == audio.shape
     np.testing.assert_allclose(

@@ -344,20 +344,20 @@ def prepare(cfg) -> PreparedData:
         if "example_id" in rows.schema().names else {}
     if repeats:
         log.warning("%d manifest rows repeat an earlier row's example_id; they are quarantined", len(repeats))
-    checked = rows.map_batches(
-        stages.validate, batch_format="pandas", batch_size=16,
-        fn_kwargs={"sample_rate": sr, "min_s": cfg.data.min_clip_seconds, "max_s": cfg.data.max_clip_seconds,
+    # Validation, separation and embedding run as one operator, so each clip is decoded once here
+    # (tokenize decodes the kept clips once more, at the rates the critic reads).
+    separating = cfg.data.separator.name != "identity"  # identity would only copy files
+    checked = rows.map_batches(stages.curate, batch_format="pandas", batch_size=16, fn_kwargs={
+        "sample_rate": sr, "embedder": to_dict(cfg.data.embedder),
+        "checks": {"min_s": cfg.data.min_clip_seconds, "max_s": cfg.data.max_clip_seconds,
                    "max_target_s": cfg.data.max_target_audio_seconds, "repeats": repeats,
                    "min_words": int(cfg.data.min_critique_words), "max_words": int(cfg.data.max_critique_words),
                    "filter_settings": to_dict(cfg.data.filters)},
-    ).materialize()
-    good = checked.filter(expr=col("error") == "")
-    if cfg.data.separator.name != "identity":  # identity would only copy files
-        good = good.map_batches(stages.separate, batch_format="pandas", batch_size=8, fn_kwargs={
-            "spec": to_dict(cfg.data.separator), "sources": list(cfg.data.separate_sources),
-            "sample_rate": sr, "out_dir": str(root.parent.parent / "separated" / root.name)})
-    embedded = good.map_batches(stages.embed, batch_format="pandas", batch_size=32,
-                                fn_kwargs={"spec": to_dict(cfg.data.embedder), "sample_rate": sr}).materialize()
+        "separator": to_dict(cfg.data.separator) if separating else None,
+        "sources": list(cfg.data.separate_sources), "out_dir": str(root.parent.parent / "separated" / root.name),
+        "cache_dir": str(root.parent.parent / "curated" / root.name),  # finished batches survive a crash
+    }).materialize()
+    embedded = checked.filter(expr=col("error") == "")
     kept, dropped = drop_duplicates(embedded, threshold=float(cfg.data.dedup_threshold),
                                     settings=to_dict(cfg.data.dedup))
     kept = add_split_column(kept.drop_columns(["embedding"]), float(cfg.data.val_fraction), int(cfg.run.seed),
@@ -394,7 +394,7 @@ def prepare(cfg) -> PreparedData:
         shards = stored.join(split) if not stored.is_local else storage.location(str(work / split))
         in_order(ok.filter(expr=col("split") == split), split_counts[split]).write_parquet(shards.path, filesystem=shards.fs)
 
-    bad = pd.concat([checked.filter(expr=col("error") != "").to_pandas(),
+    bad = pd.concat([checked.filter(expr=col("error") != "").drop_columns(["embedding"]).to_pandas(),
                      tokenized.filter(expr=col("error") != "").to_pandas(), annotated.failed, reacted.failed],
                     ignore_index=True)
     columns = ["example_id", "stage", "error", "raw"]

@@ -8,8 +8,11 @@ A row that fails gets an ``error`` (the quarantine reason) instead of stopping t
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +111,39 @@ def repeated_ids(ids: pd.DataFrame) -> dict[int, str]:
     return reasons
 
 
+def _check(raw: dict[str, Any], sample_rate: int, min_s: float, max_s: float, max_target_s: float,
+           min_words: int, max_words: int, repeats: dict[int, str] | None,
+           settings: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One manifest row parsed, checked and decoded: (its flat row, its music) or (the row with an
+    ``error``, None)."""
+    raw = {k: _nan_to_none(v) for k, v in raw.items()}
+    row_number = raw.pop(ROW_COLUMN, None)
+    try:
+        example = parse_row(raw)
+    except RowError as exc:
+        return _flat(None, raw, f"row {raw.get('example_id')!r}: {exc}", "validate"), None
+    if repeats and row_number is not None and int(row_number) in repeats:
+        return _flat(example, raw, f"example {example.example_id!r}: {repeats[int(row_number)]}", "validate"), None
+    rejected = filters.check_text(example.target_text, example.language, settings, min_words, max_words)
+    if rejected is not None:
+        return _flat(example, raw, f"example {example.example_id!r}: {rejected.reason()}", "validate"), None
+    try:
+        music = audio.load(example.music, sample_rate)
+        speech = audio.load(example.target_audio, sample_rate) if example.target_audio is not None else None
+    except audio.AudioError as exc:
+        return _flat(example, raw, f"example {example.example_id!r}: {exc}", "validate"), None
+    rejected = filters.check_audio(music, speech, example.source, sample_rate, settings, min_s, max_s, max_target_s)
+    if rejected is not None:
+        return _flat(example, raw, f"example {example.example_id!r}: {rejected.reason()}", "validate"), None
+    return _flat(example, raw, None, "validate"), music
+
+
 def validate(batch: pd.DataFrame, sample_rate: int, min_s: float, max_s: float, max_target_s: float,
              min_words: int = 1, max_words: int = 5000, repeats: dict[int, str] | None = None,
              filter_settings: dict[str, Any] | None = None) -> pd.DataFrame:
     """Parse each row, check it, decode its audio and run the curation filters on what was decoded
-    (:mod:`vcritic.data.filters`, so no clip is read twice); bad rows get an ``error``.
+    (:mod:`vcritic.data.filters`); bad rows get an ``error``. :func:`curate` does this and the
+    separation and embedding in one pass.
 
     Args:
         min_words, max_words: allowed length of ``target_text`` in words (see ``filters.tokens``).
@@ -120,64 +151,85 @@ def validate(batch: pd.DataFrame, sample_rate: int, min_s: float, max_s: float, 
         filter_settings: ``data.filters`` as a dict; None: the schema's defaults.
     """
     settings = filter_settings if filter_settings is not None else filters.defaults()
-    out = []
-    for raw in batch.to_dict("records"):
-        raw = {k: _nan_to_none(v) for k, v in raw.items()}
-        row_number = raw.pop(ROW_COLUMN, None)
-        try:
-            example = parse_row(raw)
-        except RowError as exc:
-            out.append(_flat(None, raw, f"row {raw.get('example_id')!r}: {exc}", "validate"))
-            continue
-        if repeats and row_number is not None and int(row_number) in repeats:
-            out.append(_flat(example, raw, f"example {example.example_id!r}: {repeats[int(row_number)]}", "validate"))
-            continue
-        rejected = filters.check_text(example.target_text, example.language, settings, min_words, max_words)
-        if rejected is not None:
-            out.append(_flat(example, raw, f"example {example.example_id!r}: {rejected.reason()}", "validate"))
-            continue
-        try:
-            music = audio.load(example.music, sample_rate)
-            speech = audio.load(example.target_audio, sample_rate) if example.target_audio is not None else None
-        except audio.AudioError as exc:
-            out.append(_flat(example, raw, f"example {example.example_id!r}: {exc}", "validate"))
-            continue
-        rejected = filters.check_audio(music, speech, example.source, sample_rate, settings, min_s, max_s, max_target_s)
-        if rejected is not None:
-            out.append(_flat(example, raw, f"example {example.example_id!r}: {rejected.reason()}", "validate"))
-            continue
-        out.append(_flat(example, raw, None, "validate"))
-    return pd.DataFrame(out)
+    return pd.DataFrame([_check(raw, sample_rate, min_s, max_s, max_target_s, min_words, max_words, repeats,
+                                settings)[0] for raw in batch.to_dict("records")])
 
 
-def separate(batch: pd.DataFrame, spec: dict[str, Any], sources: list[str], sample_rate: int, out_dir: str) -> pd.DataFrame:
-    """Remove speech from the music of rows whose source is in ``sources``; the separated
-    segment is written to ``out_dir`` and the row points at it."""
+def _separate_row(row: dict[str, Any], music: np.ndarray, separator, sample_rate: int, out_dir: str) -> np.ndarray:
+    """``music`` with the speech removed, written to ``out_dir``; ``row`` is pointed at the file."""
     import soundfile as sf
 
-    separator = plugin("separators", spec)
-    rows = batch.to_dict("records")
-    for row in rows:
-        if row["source"] not in sources:
-            continue
-        ex = example_of(row)
-        music = separator.separate(audio.load(ex.music, sample_rate), sample_rate)
-        path = Path(out_dir) / f"{ex.example_id}.wav"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, music, sample_rate, subtype="FLOAT")
-        row.update({"audio_path": str(path), "offset_s": 0.0, "duration_s": music.size / sample_rate})
-    return pd.DataFrame(rows)
+    music = separator.separate(music, sample_rate)
+    path = Path(out_dir) / f"{row['example_id']}.wav"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, music, sample_rate, subtype="FLOAT")  # float32 on disk: a later decode gives these samples
+    row.update({"audio_path": str(path), "offset_s": 0.0, "duration_s": music.size / sample_rate})
+    return music
 
 
-def embed(batch: pd.DataFrame, spec: dict[str, Any], sample_rate: int) -> pd.DataFrame:
-    """Add an ``embedding`` column (audio of the music + the critique text)."""
-    embedder = plugin("embedders", spec)
-    rows = batch.to_dict("records")
-    clips = [audio.load(example_of(r).music, sample_rate) for r in rows]
-    vectors = embedder.embed(clips, [r["target_text"] for r in rows], sample_rate)
-    batch = batch.copy()
-    batch["embedding"] = list(np.asarray(vectors, dtype=np.float32))
-    return batch
+def curate(batch: pd.DataFrame, sample_rate: int, checks: dict[str, Any], embedder: dict[str, Any],
+           separator: dict[str, Any] | None = None, sources: Sequence[str] = (), out_dir: str = "",
+           cache_dir: str = "") -> pd.DataFrame:
+    """:func:`validate`, then separation (when ``separator`` is given) and embedding, with
+    each clip decoded once: the samples validation decoded are the ones separated and embedded.
+
+    Args:
+        checks: :func:`validate`'s keyword arguments (``min_s`` ... ``filter_settings``).
+        embedder, separator: plugin specs; rows whose ``source`` is in ``sources`` are separated into
+            ``out_dir``.
+        cache_dir: where each finished batch is kept, keyed by a hash of its input rows (the
+            directory is per data fingerprint, so the settings are in its name). A rerun after a
+            crash reads the batches that finished instead of decoding, separating and embedding them
+            again. Empty: no cache.
+
+    Returns:
+        every row, with ``error`` set on the bad ones; good rows get their ``embedding``, bad rows a
+        zero vector of the same size (drop them before dedup).
+    """
+    cached = Path(cache_dir) / f"{_batch_key(batch)}.parquet" if cache_dir else None
+    if cached is not None and cached.exists():
+        return _read_cached(cached)
+    out = _curate(batch, sample_rate, checks, embedder, separator, sources, out_dir)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        out.to_parquet(part, index=False)
+        os.replace(part, cached)  # atomic: a crash leaves no half-written batch behind
+    return out
+
+
+def _batch_key(batch: pd.DataFrame) -> str:
+    return hashlib.sha256(batch.to_json(orient="records", date_format="iso").encode("utf-8")).hexdigest()[:32]
+
+
+def _read_cached(path: Path) -> pd.DataFrame:
+    out = pd.read_parquet(path)
+    out["embedding"] = [np.asarray(v, dtype=np.float32) for v in out["embedding"]]
+    return out
+
+
+def _curate(batch: pd.DataFrame, sample_rate: int, checks: dict[str, Any], embedder: dict[str, Any],
+            separator: dict[str, Any] | None, sources: Sequence[str], out_dir: str) -> pd.DataFrame:
+    checks = dict(checks)
+    settings = checks.pop("filter_settings", None)
+    settings = settings if settings is not None else filters.defaults()
+    args = {"min_words": 1, "max_words": 5000, "repeats": None, **checks}
+    sep = plugin("separators", separator) if separator is not None else None
+    rows, clips = [], []
+    for raw in batch.to_dict("records"):
+        row, music = _check(raw, sample_rate, settings=settings, **args)
+        if music is not None and sep is not None and row["source"] in sources:
+            music = _separate_row(row, music, sep, sample_rate, out_dir)
+        rows.append(row)
+        clips.append(music)
+    emb = plugin("embedders", embedder)
+    good = [i for i, clip in enumerate(clips) if clip is not None]
+    vectors = np.zeros((len(rows), int(emb.dim)), dtype=np.float32)
+    if good:
+        vectors[good] = emb.embed([clips[i] for i in good], [rows[i]["target_text"] for i in good], sample_rate)
+    out = pd.DataFrame(rows)
+    out["embedding"] = list(vectors)
+    return out
 
 
 def tokenize(batch: pd.DataFrame, tokenizer_dir: str, audio_spec: dict[str, Any], audio_dir: str,

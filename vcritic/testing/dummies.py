@@ -128,3 +128,22 @@ class FakeEmbedder:
             vec = rng.standard_normal(self.dim)
             out[i] = vec / np.linalg.norm(vec)
         return out
+
+
+class FlakyEmbedder(FakeEmbedder):
+    """A :class:`FakeEmbedder` for crash tests: it appends each text it embedded to ``log`` (one line
+    each), and raises instead while the file ``fail_while`` exists and the batch holds a text
+    containing ``fail_on``. Its options stay the same between the crashed run and the rerun, so the
+    data fingerprint does too."""
+
+    def __init__(self, log: str, fail_while: str, fail_on: str, dim: int = 16) -> None:
+        super().__init__(dim)
+        self.log, self.fail_while, self.fail_on = log, fail_while, fail_on
+
+    def embed(self, audio: Sequence[np.ndarray], texts: Sequence[str], sample_rate: int) -> np.ndarray:
+        if os.path.exists(self.fail_while) and any(self.fail_on in t for t in texts):
+            raise RuntimeError(f"FlakyEmbedder: a text contains {self.fail_on!r} while {self.fail_while} exists")
+        out = super().embed(audio, texts, sample_rate)
+        with open(self.log, "a", encoding="utf-8") as f:
+            f.writelines(t.replace("\n", " ") + "\n" for t in texts)
+        return out
